@@ -1,0 +1,73 @@
+"""kira: run a graph of interdependent tasks concurrently, with retries and rollback.
+
+Define each step as a `Branch` (what it does, what it needs, how to undo it),
+then run them with `run_tasks` (threads) or `run_tasks_async` (asyncio). When a
+step fails for good, every applied step is unapplied in reverse dependency order
+and `RolledBack` is raised. `RuntimeState` is the pure state machine underneath.
+"""
+
+from ._branch import Branch, Decision, RetryAfter, retry_policy
+from ._errors import (
+    BranchError,
+    BranchTimeout,
+    CycleError,
+    DuplicateBranchError,
+    GraphError,
+    KiraError,
+    MissingDependencyError,
+    RollbackIncomplete,
+    RolledBack,
+    RunFailed,
+    RuntimeStateError,
+)
+from ._events import Event
+from ._state import (
+    BranchState,
+    DoneApplied,
+    DoneUnapplied,
+    Failed,
+    NotStarted,
+    Progress,
+    RunningApply,
+    RunningApplyRetry,
+    RunningUnapply,
+    RunningUnapplyRetry,
+    RuntimeState,
+    TaskState,
+    UnapplyFailed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Branch",
+    "BranchError",
+    "BranchState",
+    "BranchTimeout",
+    "CycleError",
+    "Decision",
+    "DoneApplied",
+    "DoneUnapplied",
+    "DuplicateBranchError",
+    "Event",
+    "Failed",
+    "GraphError",
+    "KiraError",
+    "MissingDependencyError",
+    "NotStarted",
+    "Progress",
+    "RetryAfter",
+    "RollbackIncomplete",
+    "RolledBack",
+    "RunFailed",
+    "RunningApply",
+    "RunningApplyRetry",
+    "RunningUnapply",
+    "RunningUnapplyRetry",
+    "RuntimeState",
+    "RuntimeStateError",
+    "TaskState",
+    "UnapplyFailed",
+    "__version__",
+    "retry_policy",
+]

@@ -1,0 +1,480 @@
+"""The driver: decides what happens next, in one place, for every runner.
+
+A runner reports what happened (an attempt returned, raised, a handler decided, a
+timer fired, the user interrupted) and carries out the commands the driver puts in
+`outbox`: start an apply, start an unapply, consult an error handler, schedule a
+retry, finish. The driver owns the `RuntimeState`, the concurrency limit, the
+retry decisions, the rollback, the events and the outcome; runners own only
+threads, event loops, timers and clocks. No scheduling rule exists in a runner.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple, TypeAlias, final
+
+from ._branch import RetryAfter
+from ._errors import (
+    BranchError,
+    Phase,
+    RollbackIncomplete,
+    RolledBack,
+    RunFailed,
+)
+from ._events import Event, EventHandler, EventKind
+from ._state import (
+    DoneApplied,
+    RunningApply,
+    RunningApplyRetry,
+    RuntimeState,
+    UnapplyFailed,
+)
+
+log = logging.getLogger("kira")
+
+# ---------------------------------------------------------------------------------
+# Commands: what a runner must do. `task_id` names the attempt in every report.
+
+
+class StartApply(NamedTuple):
+    """Call `apply(config, deps)` of branch `name`; report `applied` or `failed`."""
+
+    task_id: int
+    name: str
+    attempt: int
+    deps: Mapping[str, Any]
+
+
+class StartUnapply(NamedTuple):
+    """Call `unapply(config, deps, value)`; report `unapplied` or `failed`."""
+
+    task_id: int
+    name: str
+    attempt: int
+    deps: Mapping[str, Any]
+    value: Any
+
+
+class Consult(NamedTuple):
+    """Call the branch's error handler for `phase`; report `decided`."""
+
+    task_id: int
+    name: str
+    phase: Phase
+    error: BaseException
+    attempt: int
+    deps: Mapping[str, Any]
+
+
+class ScheduleRetry(NamedTuple):
+    """After `delay` seconds, report `retry_due(task_id)` (it may be ignored then)."""
+
+    task_id: int
+    name: str
+    phase: Phase
+    delay: float
+
+
+class Finish(NamedTuple):
+    """The run is over: `outcome` says how."""
+
+    outcome: Outcome
+
+
+Command: TypeAlias = StartApply | StartUnapply | Consult | ScheduleRetry | Finish
+
+OutcomeKind: TypeAlias = Literal["applied", "rolled_back", "rollback_incomplete"]
+
+
+@final
+class Outcome:
+    """How a run ended, and what to return or raise."""
+
+    __slots__ = (
+        "abandoned",
+        "culprit",
+        "errors",
+        "kind",
+        "results",
+        "run_id",
+        "still_applied",
+        "unapplied",
+    )
+
+    def __init__(
+        self,
+        kind: OutcomeKind,
+        run_id: str,
+        results: dict[str, Any],
+        errors: list[BranchError],
+        culprit: BranchError | None,
+        unapplied: list[str],
+        still_applied: list[str],
+        abandoned: list[str],
+    ) -> None:
+        self.kind = kind
+        self.run_id = run_id
+        self.results = results
+        self.errors = errors
+        self.culprit = culprit
+        self.unapplied = unapplied
+        self.still_applied = still_applied
+        self.abandoned = abandoned
+
+    def error(self) -> RunFailed | None:
+        """The exception a runner raises for this outcome (None when applied)."""
+        common: dict[str, Any] = {
+            "run_id": self.run_id,
+            "errors": self.errors,
+            "culprit": self.culprit,
+            "results": self.results,
+        }
+        if self.kind == "rolled_back":
+            return RolledBack(unapplied=self.unapplied, **common)
+        if self.kind == "rollback_incomplete":
+            return RollbackIncomplete(
+                unapplied=self.unapplied,
+                still_applied=self.still_applied,
+                abandoned=self.abandoned,
+                **common,
+            )
+        return None
+
+    def result(self) -> dict[str, Any]:
+        """The results dict, or raise the run's error."""
+        err = self.error()
+        if err is not None:
+            raise err
+        return self.results
+
+
+# ---------------------------------------------------------------------------------
+
+
+@final
+class Driver:
+    """Turns reports into commands for one run (see the module docstring).
+
+    Args:
+        state: a fresh `RuntimeState`; the driver is the only one to change it.
+        run_id: carried by events and errors.
+        limit: the most attempts running at once (None: no limit).
+        on_event: called with every `Event`, in transition order; exceptions from
+            it are logged and ignored.
+    """
+
+    __slots__ = (
+        "_due",
+        "_emit",
+        "_in_flight",
+        "_limit",
+        "_next_id",
+        "_results",
+        "_timers",
+        "_unapplied",
+        "culprit",
+        "finished",
+        "interrupted",
+        "outbox",
+        "outcome",
+        "run_id",
+        "state",
+    )
+
+    def __init__(
+        self,
+        state: RuntimeState,
+        *,
+        run_id: str,
+        limit: int | None = None,
+        on_event: EventHandler | None = None,
+    ) -> None:
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ValueError(f"max_workers must be a positive int or None, not {limit!r}")
+        self.state = state
+        self.run_id = run_id
+        self.outbox: deque[Command] = deque()
+        self.finished = False
+        self.outcome: Outcome | None = None
+        self.culprit: BranchError | None = None
+        self.interrupted = False
+        self._emit = on_event
+        self._limit = limit if limit is not None else 1 << 62
+        self._in_flight = 0
+        self._next_id = 0
+        self._results: dict[str, Any] = {}
+        self._unapplied: list[str] = []
+        # failed attempts whose retry waits for a timer / for a free slot
+        self._timers: dict[int, str] = {}
+        self._due: deque[int] = deque()
+
+    # -- reports ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin the run."""
+        self._fill()
+        self._check_finished()
+
+    def applied(self, task_id: int, value: Any) -> None:
+        """The apply attempt `task_id` returned `value`."""
+        state = self.state
+        name = state.running[task_id]
+        self._in_flight -= 1
+        state.mark_as_applied(name, value)
+        self._results[name] = value
+        if self._emit is not None:
+            self._event("applied", name, state.branch_states[name].apply_attempts, value=value)
+        self._fill()
+        self._check_finished()
+
+    def unapplied(self, task_id: int) -> None:
+        """The unapply attempt `task_id` returned."""
+        state = self.state
+        name = state.running[task_id]
+        self._in_flight -= 1
+        bs = state.branch_states[name]
+        value = bs.task.value  # type: ignore[union-attr]
+        state.mark_as_unapplied(name)
+        self._unapplied.append(name)
+        self._event("unapplied", name, bs.unapply_attempts, value=value)
+        self._fill()
+        self._check_finished()
+
+    def failed(self, task_id: int, error: BaseException) -> None:
+        """The attempt `task_id` raised `error` (or timed out, or its worker died)."""
+        state = self.state
+        name = state.running[task_id]
+        self._in_flight -= 1
+        record = state.record_failure(name, error)
+        phase = record.phase
+        self._event(f"{phase}_failed", name, record.attempt, error=error)  # type: ignore[arg-type]
+        branch = state.branch_states[name].branch
+        if phase == "apply" and state.rolling_back:
+            # Rollback lets running applies finish but retries none of them.
+            self._give_up(name, phase)
+        elif branch.error_handler(phase) is None:
+            self._give_up(name, phase)
+        else:
+            deps = MappingProxyType(state.resolve_dependencies_of(name))
+            self.outbox.append(Consult(task_id, name, phase, error, record.attempt, deps))
+        self._fill()
+        self._check_finished()
+
+    def decided(
+        self, task_id: int, decision: object, handler_error: BaseException | None = None
+    ) -> None:
+        """The error handler consulted for `task_id` returned `decision` (or raised
+        `handler_error`)."""
+        state = self.state
+        name = state.running[task_id]
+        bs = state.branch_states[name]
+        phase: Phase = "apply" if _is_applying(bs.task) else "unapply"
+        if handler_error is not None:
+            log.error(
+                "kira: the %s error handler of branch %r raised %r; giving up on the branch",
+                phase,
+                name,
+                handler_error,
+            )
+            state.attach_handler_error(name, handler_error)
+            self._give_up(name, phase)
+        elif phase == "apply" and state.rolling_back:
+            self._give_up(name, phase)
+        elif decision is True:
+            self._retry_when_free(task_id, name, phase, 0.0)
+        elif decision is False or decision is None:
+            self._give_up(name, phase)
+        elif isinstance(decision, RetryAfter):
+            if decision.seconds > 0:
+                self._timers[task_id] = name
+                attempt = self._attempts(name, phase) + 1
+                self._event("retry_scheduled", name, attempt, value=decision.seconds)
+                self.outbox.append(ScheduleRetry(task_id, name, phase, decision.seconds))
+            else:
+                self._retry_when_free(task_id, name, phase, 0.0)
+        else:
+            log.error(
+                "kira: the %s error handler of branch %r returned %r, which is not a retry "
+                "decision (True, False, None or kira.RetryAfter); giving up on the branch",
+                phase,
+                name,
+                decision,
+            )
+            self._give_up(name, phase)
+        self._fill()
+        self._check_finished()
+
+    def retry_due(self, task_id: int) -> None:
+        """The retry timer of `task_id` fired. A timer no longer wanted is ignored."""
+        name = self._timers.pop(task_id, None)
+        if name is None:
+            return
+        self._due.append(task_id)
+        self._fill()
+        self._check_finished()
+
+    def interrupt(self) -> None:
+        """Stop applying and roll back (KeyboardInterrupt, cancellation)."""
+        if self.finished:
+            return
+        self.interrupted = True
+        if not self.state.rolling_back:
+            self.state.start_rollback()
+            self._event("rollback_started", None, value="interrupted")
+            self._stop_apply_retries()
+        self._fill()
+        self._check_finished()
+
+    # -- decisions --------------------------------------------------------------------
+
+    def _attempts(self, name: str, phase: Phase) -> int:
+        bs = self.state.branch_states[name]
+        return bs.apply_attempts if phase == "apply" else bs.unapply_attempts
+
+    def _retry_when_free(self, task_id: int, name: str, phase: Phase, delay: float) -> None:
+        self._event("retry_scheduled", name, self._attempts(name, phase) + 1, value=delay)
+        self._due.append(task_id)
+
+    def _give_up(self, name: str, phase: Phase) -> None:
+        state = self.state
+        if phase == "apply":
+            first = not state.rolling_back
+            state.mark_as_failed(name)
+            self._event("failed", name, state.branch_states[name].apply_attempts, value="apply")
+            if first:
+                self.culprit = state.branch_states[name].errors[-1]
+                self._event("rollback_started", name, error=self.culprit.error, value="failure")
+                self._stop_apply_retries()
+        else:
+            state.mark_as_unapply_failed(name)
+            self._event("failed", name, state.branch_states[name].unapply_attempts, value="unapply")
+
+    def _stop_apply_retries(self) -> None:
+        """Rolling back: give up every apply waiting for a retry."""
+        state = self.state
+        for task_id in [t for t in self._timers if self._is_apply(t)]:
+            self._give_up(self._timers.pop(task_id), "apply")
+        keep = deque(t for t in self._due if not self._is_apply(t))
+        for task_id in self._due:
+            if self._is_apply(task_id):
+                self._give_up(state.running[task_id], "apply")
+        self._due = keep
+
+    def _is_apply(self, task_id: int) -> bool:
+        name = self.state.running[task_id]
+        return _is_applying(self.state.branch_states[name].task)
+
+    def _fill(self) -> None:
+        """Start whatever may start, retries first, up to the limit."""
+        state = self.state
+        outbox = self.outbox
+        while self._in_flight < self._limit:
+            if self._due:
+                self._start_retry(self._due.popleft())
+                continue
+            if not state.rolling_back:
+                name = state.next_apply_ready()
+                if name is None:
+                    return
+                task_id = self._next_id = self._next_id + 1
+                state.mark_as_applying(name, task_id)
+                self._in_flight += 1
+                deps = MappingProxyType(state.resolve_dependencies_of(name))
+                if self._emit is not None:
+                    self._event("apply_started", name, 1)
+                outbox.append(StartApply(task_id, name, 1, deps))
+            else:
+                name = state.next_unapply_ready()
+                if name is None:
+                    return
+                task_id = self._next_id = self._next_id + 1
+                bs = state.branch_states[name]
+                value = bs.task.value  # type: ignore[union-attr]
+                state.mark_as_unapplying(name, task_id)
+                self._event("unapply_started", name, 1)
+                if bs.branch.unapply is None:
+                    # Nothing to undo: an instant success, still in order.
+                    state.mark_as_unapplied(name)
+                    self._unapplied.append(name)
+                    self._event("unapplied", name, 1, value=value)
+                    continue
+                self._in_flight += 1
+                deps = MappingProxyType(state.resolve_dependencies_of(name))
+                outbox.append(StartUnapply(task_id, name, 1, deps, value))
+
+    def _start_retry(self, old_id: int) -> None:
+        state = self.state
+        name = state.running[old_id]
+        bs = state.branch_states[name]
+        task_id = self._next_id = self._next_id + 1
+        deps = MappingProxyType(state.resolve_dependencies_of(name))
+        self._in_flight += 1
+        if _is_applying(bs.task):
+            state.record_apply_retry(name, task_id)
+            self._event("apply_started", name, bs.apply_attempts)
+            self.outbox.append(StartApply(task_id, name, bs.apply_attempts, deps))
+        else:
+            value = bs.task.value  # type: ignore[union-attr]
+            state.record_unapply_retry(name, task_id)
+            self._event("unapply_started", name, bs.unapply_attempts)
+            self.outbox.append(StartUnapply(task_id, name, bs.unapply_attempts, deps, value))
+
+    def _check_finished(self) -> None:
+        if self.finished:
+            return
+        state = self.state
+        if state.rolling_back:
+            if not state.unapply_done():
+                return
+            still = [
+                name
+                for name, bs in state.branch_states.items()
+                if type(bs.task) in (DoneApplied, UnapplyFailed)
+            ]
+            kind: OutcomeKind = "rollback_incomplete" if still else "rolled_back"
+        elif state.apply_done() and not state.running:
+            kind, still = "applied", []
+        else:
+            return
+        self.finished = True
+        self.outcome = Outcome(
+            kind,
+            self.run_id,
+            dict(self._results),
+            state.get_errors(),
+            self.culprit,
+            list(self._unapplied),
+            still,
+            [],
+        )
+        self._event("run_finished", None, value=kind)
+        self.outbox.append(Finish(self.outcome))
+
+    # -- events -----------------------------------------------------------------------
+
+    def _event(
+        self,
+        kind: EventKind,
+        branch: str | None,
+        attempt: int | None = None,
+        *,
+        error: BaseException | None = None,
+        value: Any = None,
+    ) -> None:
+        emit = self._emit
+        if emit is None:
+            return
+        event = Event(self.run_id, kind, branch, self.state._clock(), attempt, error, value)
+        try:
+            emit(event)
+        except Exception:
+            log.exception("kira: the on_event callback raised on %s; the run goes on", kind)
+
+
+def _is_applying(task: object) -> bool:
+    return type(task) is RunningApply or type(task) is RunningApplyRetry

@@ -1,0 +1,64 @@
+"""Events: one value per transition of a run, enough to draw its timeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, TypeAlias, final
+
+EventKind: TypeAlias = Literal[
+    "apply_started",
+    "applied",
+    "apply_failed",
+    "retry_scheduled",
+    "failed",
+    "rollback_started",
+    "unapply_started",
+    "unapplied",
+    "unapply_failed",
+    "run_finished",
+]
+EVENT_KINDS: tuple[EventKind, ...] = (
+    "apply_started",
+    "applied",
+    "apply_failed",
+    "retry_scheduled",
+    "failed",
+    "rollback_started",
+    "unapply_started",
+    "unapplied",
+    "unapply_failed",
+    "run_finished",
+)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened in run `run_id`, at `at` (aware UTC).
+
+    - `apply_started` / `unapply_started`: `attempt` is the attempt's number.
+    - `applied`: `value` is the result. `unapplied`: `value` is the undone result.
+    - `apply_failed` / `unapply_failed`: an attempt failed with `error` (it may be
+      retried).
+    - `retry_scheduled`: `value` is the delay in seconds (0: at once); `attempt`
+      the number of the attempt to come.
+    - `failed`: the run gave up on the branch's apply (or, with `error` set to
+      None after an `unapply_failed`, see `value == "unapply"`, its unapply).
+    - `rollback_started`: `branch` and `error` name the culprit (None for an
+      interruption or inactivity; `value` then says why).
+    - `run_finished`: `branch` is None; `value` is "applied", "rolled_back" or
+      "rollback_incomplete".
+    """
+
+    run_id: str
+    kind: EventKind
+    branch: str | None
+    at: datetime
+    attempt: int | None = None
+    error: BaseException | None = None
+    value: Any = None
+
+
+EventHandler: TypeAlias = Callable[[Event], object]

@@ -6,6 +6,7 @@ step fails for good, every applied step is unapplied in reverse dependency order
 and `RolledBack` is raised. `RuntimeState` is the pure state machine underneath.
 """
 
+from ._asyncio import run_tasks_async
 from ._branch import Branch, Decision, RetryAfter, retry_policy
 from ._errors import (
     BranchError,
@@ -36,6 +37,7 @@ from ._state import (
     TaskState,
     UnapplyFailed,
 )
+from ._threads import run_tasks
 
 __version__ = "0.1.0"
 
@@ -70,4 +72,6 @@ __all__ = [
     "UnapplyFailed",
     "__version__",
     "retry_policy",
+    "run_tasks",
+    "run_tasks_async",
 ]

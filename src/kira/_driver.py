@@ -78,13 +78,23 @@ class ScheduleRetry(NamedTuple):
     delay: float
 
 
+class Compensate(NamedTuple):
+    """Call `unapply(config, deps, value)` for a value a timed-out apply returned late;
+    report `compensated(task_id, error)`."""
+
+    task_id: int
+    name: str
+    deps: Mapping[str, Any]
+    value: Any
+
+
 class Finish(NamedTuple):
     """The run is over: `outcome` says how."""
 
     outcome: Outcome
 
 
-Command: TypeAlias = StartApply | StartUnapply | Consult | ScheduleRetry | Finish
+Command: TypeAlias = StartApply | StartUnapply | Consult | ScheduleRetry | Compensate | Finish
 
 OutcomeKind: TypeAlias = Literal["applied", "rolled_back", "rollback_incomplete"]
 
@@ -167,10 +177,14 @@ class Driver:
     """
 
     __slots__ = (
+        "_abandoned",
+        "_compensations",
         "_due",
         "_emit",
         "_in_flight",
+        "_late_left",
         "_limit",
+        "_lingering",
         "_next_id",
         "_results",
         "_timers",
@@ -212,6 +226,12 @@ class Driver:
         # failed attempts whose retry waits for a timer / for a free slot
         self._timers: dict[int, str] = {}
         self._due: deque[int] = deque()
+        # timed-out attempts still out: task id -> (branch, phase, deps)
+        self._lingering: dict[int, tuple[str, Phase, Mapping[str, Any]]] = {}
+        # late values being compensated: compensation task id -> branch
+        self._compensations: dict[int, str] = {}
+        self._abandoned: list[str] = []
+        self._late_left: list[str] = []  # late values whose compensation failed
 
     # -- reports ------------------------------------------------------------------
 
@@ -245,19 +265,32 @@ class Driver:
         self._fill()
         self._check_finished()
 
-    def failed(self, task_id: int, error: BaseException) -> None:
-        """The attempt `task_id` raised `error` (or timed out, or its worker died)."""
+    def failed(
+        self, task_id: int, error: BaseException, *, lingering: bool = False, final: bool = False
+    ) -> None:
+        """The attempt `task_id` raised `error` (or timed out, or its worker died).
+
+        `lingering`: the attempt timed out but goes on (a thread cannot be stopped);
+        its outcome is reported later with `late_result` (or `abandon`), and until
+        then it holds the branch's dependencies and its slot. `final`: give up
+        without consulting the error handler (the run's inactivity timeout).
+        """
         state = self.state
         name = state.running[task_id]
-        self._in_flight -= 1
         record = state.record_failure(name, error)
         phase = record.phase
+        if lingering:
+            state.mark_as_lingering(name)
+            deps = MappingProxyType(state.resolve_dependencies_of(name))
+            self._lingering[task_id] = (name, phase, deps)
+        else:
+            self._in_flight -= 1
         self._event(f"{phase}_failed", name, record.attempt, error=error)  # type: ignore[arg-type]
         branch = state.branch_states[name].branch
         if phase == "apply" and state.rolling_back:
             # Rollback lets running applies finish but retries none of them.
             self._give_up(name, phase)
-        elif branch.error_handler(phase) is None:
+        elif final or branch.error_handler(phase) is None:
             self._give_up(name, phase)
         else:
             deps = MappingProxyType(state.resolve_dependencies_of(name))
@@ -315,6 +348,75 @@ class Driver:
         if name is None:
             return
         self._due.append(task_id)
+        self._fill()
+        self._check_finished()
+
+    def late_result(self, task_id: int, ok: bool, payload: Any) -> None:
+        """The lingering attempt `task_id` finished after all: returned `payload`
+        (`ok`) or raised it. A value an apply returned is compensated at once: its
+        dependencies are still applied, held by the attempt."""
+        name, phase, deps = self._lingering.pop(task_id)
+        branch = self.state.branch_states[name].branch
+        if ok and phase == "apply" and branch.unapply is not None:
+            log.warning(
+                "kira: branch %r returned a value after its attempt timed out; unapplying it",
+                name,
+            )
+            task = self._next_id = self._next_id + 1
+            self._compensations[task] = name
+            self._event("unapply_started", name, None, value=payload)
+            self.outbox.append(Compensate(task, name, deps, payload))
+        else:
+            self._in_flight -= 1
+            self.state.mark_lingering_finished(name)
+        self._fill()
+        self._check_finished()
+
+    def compensated(self, task_id: int, error: BaseException | None = None) -> None:
+        """The compensation `task_id` of a late value returned, or raised `error`."""
+        name = self._compensations.pop(task_id)
+        self._in_flight -= 1
+        if error is None:
+            self.state.mark_lingering_finished(name)
+            self._event("unapplied", name, None)
+        else:
+            log.error("kira: unapplying the late value of branch %r failed: %r", name, error)
+            self.state.mark_lingering_finished(name, abandoned=True, error=error)
+            self._late_left.append(name)
+            self._event("unapply_failed", name, None, error=error)
+        self._fill()
+        self._check_finished()
+
+    def abandon(self, task_id: int) -> None:
+        """Stop waiting for the lingering attempt `task_id` (its grace period is over).
+
+        Its effects are unknown: the branch's dependencies stay applied, and the
+        branch is named in the outcome's `abandoned`.
+        """
+        if task_id not in self._lingering:
+            return
+        name, _, _ = self._lingering.pop(task_id)
+        self._in_flight -= 1
+        self.state.mark_lingering_finished(name, abandoned=True)
+        log.error(
+            "kira: an attempt of branch %r timed out and has not returned; giving up waiting",
+            name,
+        )
+        if name not in self._abandoned:
+            self._abandoned.append(name)
+        self._fill()
+        self._check_finished()
+
+    def inactivity(self, task_ids: list[int], errors: list[BaseException], lingering: bool) -> None:
+        """The run's inactivity timeout expired: the attempts `task_ids` fail with
+        `errors` and are given up, and the run rolls back."""
+        for task_id, error in zip(task_ids, errors, strict=True):
+            if task_id in self.state.running:
+                self.failed(task_id, error, lingering=lingering, final=True)
+        if not self.state.rolling_back:
+            self.state.start_rollback()
+            self._event("rollback_started", None, value="inactivity")
+            self._stop_apply_retries()
         self._fill()
         self._check_finished()
 
@@ -429,18 +531,29 @@ class Driver:
             return
         state = self.state
         if state.rolling_back:
-            if not state.unapply_done():
+            if not state.unapply_done() or self._compensations:
                 return
             still = [
                 name
                 for name, bs in state.branch_states.items()
                 if type(bs.task) in (DoneApplied, UnapplyFailed)
             ]
-            kind: OutcomeKind = "rollback_incomplete" if still else "rolled_back"
-        elif state.apply_done() and not state.running:
+            incomplete = still or self._abandoned or self._late_left
+            kind: OutcomeKind = "rollback_incomplete" if incomplete else "rolled_back"
+        elif state.apply_done() and not state.running and not self._lingering:
+            if self._compensations:
+                return
             kind, still = "applied", []
+            if self._abandoned:
+                log.warning(
+                    "kira: run %s applied, but timed-out attempts of %s never returned: "
+                    "their effects are unknown",
+                    self.run_id,
+                    ", ".join(self._abandoned),
+                )
         else:
             return
+        still += [n for n in self._late_left if n not in still]
         self.finished = True
         self.outcome = Outcome(
             kind,
@@ -450,7 +563,7 @@ class Driver:
             self.culprit,
             list(self._unapplied),
             still,
-            [],
+            list(self._abandoned),
         )
         self._event("run_finished", None, value=kind)
         self.outbox.append(Finish(self.outcome))

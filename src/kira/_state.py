@@ -147,6 +147,7 @@ _SUCCEEDED = frozenset(
 )
 # The branch holds its dependencies: they may not start unapplying.
 _HOLDING = frozenset({RunningApply, RunningApplyRetry, DoneApplied} | _UNAPPLYING | {UnapplyFailed})
+HOLDING = _HOLDING  # for runners naming what an abrupt stop leaves applied
 # States that carry the value the apply returned.
 _VALUED = frozenset({DoneApplied, RunningUnapply, RunningUnapplyRetry, UnapplyFailed})
 
@@ -721,16 +722,24 @@ class RuntimeState:
         self._lingering_total += 1
         # its task state holds already, so no neighbour changes
 
-    def mark_lingering_finished(self, name: str, *, abandoned: bool = False) -> None:
+    def mark_lingering_finished(
+        self, name: str, *, abandoned: bool = False, error: BaseException | None = None
+    ) -> None:
         """A lingering attempt of `name` returned (and, if it returned a value, that
         value was unapplied) — or, with `abandoned=True`, will not be waited for.
 
         An abandoned attempt keeps holding the dependencies (its effects are unknown,
         so they must stay applied) but no longer keeps the rollback from ending.
+        `error`, if given, is recorded as an "unapply" failure of `name`: undoing the
+        late value failed (pass `abandoned=True` with it: the value stays applied).
         """
         bs = self._get(name, "mark_lingering_finished")
         if not bs._lingering:
             self._refuse(bs, "mark_lingering_finished", "it has no lingering attempt")
+        if error is not None:
+            record = BranchError(name, "unapply", error, bs.unapply_attempts + 1, self._clock())
+            bs.errors = (*bs.errors, record)
+            self._errors.append(record)
         self._lingering_total -= 1
         bs._lingering -= 1
         if abandoned:

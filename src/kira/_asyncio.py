@@ -1,0 +1,189 @@
+"""`run_tasks_async`: the runner on asyncio.
+
+Runs in the caller's event loop. `async def` callbacks run as tasks; plain
+callbacks run in threads (an executor). Completions are reported from done
+callbacks, in the loop's thread, so the driver is only ever touched by the loop.
+Cancelling the run rolls back first (async attempts are cancelled, thread attempts
+waited for), then re-raises `CancelledError`; a second cancellation during the
+rollback stops waiting at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from ._branch import Branch
+from ._driver import Driver, Outcome
+from ._engine import DEFAULT_GRACE_PERIOD, Attempt, Engine, finite_or_none, is_async
+from ._events import EventHandler
+from ._state import RuntimeState
+from ._threads import _call_sync, default_workers
+
+
+class AsyncEngine(Engine):
+    """The engine of `run_tasks_async`."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        executor: Executor | None,
+        workers: int,
+        timeout: float | None,
+        grace_period: float,
+    ) -> None:
+        foreign = executor is not None and not isinstance(executor, ThreadPoolExecutor)
+        self._loop = loop  # before the base class reads the clock
+        super().__init__(driver, timeout=timeout, grace_period=grace_period, portable_deps=foreign)
+        self._own_pool: ThreadPoolExecutor | None = None
+        self._workers = workers
+        self._executor = executor
+        self._foreign = foreign
+        self._done: asyncio.Future[Outcome] = loop.create_future()
+        self._async_cache: dict[Any, bool] = {}
+
+    def _pool(self) -> Executor:
+        if self._executor is not None:
+            return self._executor
+        if self._own_pool is None:
+            self._own_pool = ThreadPoolExecutor(
+                max_workers=self._workers + 16, thread_name_prefix="kira"
+            )
+        return self._own_pool
+
+    def _launch(self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._start_in(attempt, fn, args, local=False)
+
+    def _launch_local(
+        self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        self._start_in(attempt, fn, args, local=True)
+
+    def _start_in(
+        self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...], *, local: bool
+    ) -> None:
+        loop = self._loop
+        try:
+            if self._is_async(fn):
+                future: asyncio.Future[Any] = loop.create_task(fn(*args))
+            elif self._foreign and not local:
+                future = loop.run_in_executor(self._pool(), fn, *args)
+            else:
+                pool = self._pool() if not self._foreign else self._local_pool()
+                future = loop.run_in_executor(pool, _call_sync, fn, *args)
+        except BaseException as exc:  # a broken executor, a callback not callable
+            loop.call_soon(self.completed, attempt, False, exc)
+            return
+        attempt.handle = future
+        future.add_done_callback(partial(self._on_done, attempt))
+
+    def _local_pool(self) -> Executor:
+        if self._own_pool is None:
+            self._own_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kira-local")
+        return self._own_pool
+
+    def _on_done(self, attempt: Attempt, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self.completed(attempt, False, asyncio.CancelledError())
+            return
+        exc = future.exception()
+        if exc is None:
+            self.completed(attempt, True, future.result())
+        else:
+            self.completed(attempt, False, exc)
+
+    def _cancel(self, attempt: Attempt) -> None:
+        handle = attempt.handle
+        if handle is not None:
+            handle.cancel()
+
+    def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> asyncio.TimerHandle:
+        return self._loop.call_later(delay, fn, *args)
+
+    def _now(self) -> float:
+        return self._loop.time()
+
+    def _finished(self, outcome: Outcome) -> None:
+        super()._finished(outcome)
+        if not self._done.done():
+            self._done.set_result(outcome)
+
+    def _is_async(self, fn: Callable[..., Any]) -> bool:
+        try:
+            return self._async_cache[fn]
+        except KeyError:
+            result = self._async_cache[fn] = is_async(fn)
+            return result
+        except TypeError:
+            return is_async(fn)
+
+    async def run(self) -> Outcome:
+        self.begin()
+        try:
+            return await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self.interrupt()
+            try:
+                outcome = await asyncio.shield(self._done)
+            except asyncio.CancelledError as again:
+                again.add_note(
+                    "cancelled again during the rollback; left applied: "
+                    + (", ".join(self.left_applied()) or "nothing")
+                )
+                raise
+            error = outcome.error()
+            cancelled = asyncio.CancelledError("cancelled; rolled back")
+            raise cancelled from error
+
+    def close(self) -> None:
+        if self._own_pool is not None:
+            self._own_pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def run_tasks_async(
+    config: Any,
+    branches: Iterable[Branch],
+    timeout: float | None = None,
+    *,
+    max_workers: int | None = None,
+    executor: Executor | None = None,
+    journal: Any = None,
+    run_id: str | None = None,
+    on_event: EventHandler | None = None,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+) -> dict[str, Any]:
+    """Run `branches` on the running event loop; return every result, or roll back.
+
+    Arguments, results and errors are those of `kira.run_tasks`, except that
+    `max_workers` defaults to no limit for `async def` callbacks (plain callbacks
+    still run on a thread pool of min(32, CPUs + 4) threads), and that cancelling
+    the awaiting task rolls back, then raises `asyncio.CancelledError` (whose
+    `__cause__` is the rollback's outcome). A timed-out `async def` attempt is
+    cancelled.
+    """
+    if journal is not None:
+        raise NotImplementedError("journal= is not supported yet")
+    run_id = run_id if run_id is not None else uuid.uuid4().hex
+    timeout = finite_or_none(timeout, "timeout")
+    state = RuntimeState.create(config, branches, timeout)
+    driver = Driver(state, run_id=run_id, limit=max_workers, on_event=on_event)
+    workers = max_workers if max_workers is not None else default_workers()
+    engine = AsyncEngine(
+        driver,
+        loop=asyncio.get_running_loop(),
+        executor=executor,
+        workers=workers,
+        timeout=timeout,
+        grace_period=grace_period,
+    )
+    try:
+        outcome = await engine.run()
+        return outcome.result()
+    finally:
+        engine.close()

@@ -1,0 +1,297 @@
+"""What both runners share: carrying out the driver's commands.
+
+The engine keeps the attempts in flight, their per-branch deadlines, the grace
+period of timed-out attempts and the run's inactivity timer, and turns
+completions into driver reports. A runner subclass supplies only how to launch a
+callback (`_launch`), how to try to cancel one (`_cancel`), a timer
+(`_call_later`) and a monotonic clock. Every decision stays in the driver.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from ._driver import (
+    Compensate,
+    Consult,
+    Driver,
+    Finish,
+    Outcome,
+    ScheduleRetry,
+    StartApply,
+    StartUnapply,
+)
+from ._errors import BranchTimeout, Phase
+from ._state import HOLDING
+
+APPLY, UNAPPLY, CONSULT, COMPENSATE = "apply", "unapply", "consult", "compensate"
+
+DEFAULT_GRACE_PERIOD = 10.0
+"""Seconds a run waits for a timed-out attempt that cannot be cancelled."""
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Attempt:
+    """One callback in flight: an apply, an unapply, a handler call, a compensation."""
+
+    __slots__ = ("done", "handle", "kind", "lingering", "name", "phase", "task_id", "timer")
+
+    def __init__(self, kind: str, task_id: int, name: str, phase: Phase) -> None:
+        self.kind = kind
+        self.task_id = task_id
+        self.name = name
+        self.phase = phase
+        self.done = False
+        self.lingering = False
+        self.handle: Any = None
+        self.timer: TimerHandle | None = None
+
+
+class FrozenDeps(dict[str, Any]):
+    """A read-only dict of dependency results that pickles (for process pools)."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("deps is read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDeps, (dict(self),))
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling `fn` gives a coroutine to await (async def, or a callable
+    object whose __call__ is async def)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+class Engine:
+    """Base of both runners; see the module docstring."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        *,
+        timeout: float | None,
+        grace_period: float,
+        portable_deps: bool = False,
+    ) -> None:
+        if not (isinstance(grace_period, int | float) and grace_period >= 0):
+            raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
+        self.driver = driver
+        self.state = driver.state
+        self.config = driver.state.config
+        self.attempts: dict[int, Attempt] = {}  # applies and unapplies in flight
+        self.timeout = timeout
+        self.grace_period = grace_period
+        self.portable_deps = portable_deps
+        self.outcome: Outcome | None = None
+        self.last_activity = self._now()
+        self._inactivity_timer: TimerHandle | None = None
+
+    # -- supplied by the runner ---------------------------------------------------
+
+    def _launch(self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Start `fn(*args)`; on completion call `self.completed(attempt, ok, payload)`
+        in the scheduling thread."""
+        raise NotImplementedError
+
+    def _launch_local(
+        self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        """Like `_launch`, but in this process (error handlers decide scheduling)."""
+        self._launch(attempt, fn, args)
+
+    def _cancel(self, attempt: Attempt) -> None:
+        """Try to stop the attempt; it still reports its completion."""
+
+    def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> TimerHandle:
+        raise NotImplementedError
+
+    def _finished(self, outcome: Outcome) -> None:
+        """The run is over (called once, after the last command)."""
+        self.outcome = outcome
+
+    def _now(self) -> float:
+        return time.monotonic()
+
+    # -- carrying out commands ---------------------------------------------------------
+
+    def begin(self) -> None:
+        self.driver.start()
+        if self.timeout is not None:
+            self._inactivity_timer = self._call_later(self.timeout, self._check_inactivity)
+        self.pump()
+
+    def pump(self) -> None:
+        """Carry out every command in the driver's outbox."""
+        outbox = self.driver.outbox
+        branches = self.state.branch_states
+        config = self.config
+        while outbox:
+            command = outbox.popleft()
+            if type(command) is StartApply:
+                branch = branches[command.name].branch
+                attempt = Attempt(APPLY, command.task_id, command.name, "apply")
+                self.attempts[command.task_id] = attempt
+                self._start(
+                    attempt, branch.apply, (config, self._deps(command.deps)), branch.timeout
+                )
+            elif type(command) is StartUnapply:
+                branch = branches[command.name].branch
+                attempt = Attempt(UNAPPLY, command.task_id, command.name, "unapply")
+                self.attempts[command.task_id] = attempt
+                args = (config, self._deps(command.deps), command.value)
+                self._start(attempt, branch.unapply, args, branch.timeout)  # type: ignore[arg-type]
+            elif type(command) is Consult:
+                handler = branches[command.name].branch.error_handler(command.phase)
+                attempt = Attempt(CONSULT, command.task_id, command.name, command.phase)
+                self._launch_local(
+                    attempt,
+                    handler,  # type: ignore[arg-type]
+                    (config, command.deps, command.error, command.attempt),
+                )
+            elif type(command) is ScheduleRetry:
+                self._call_later(command.delay, self._retry_due, command.task_id)
+            elif type(command) is Compensate:
+                branch = branches[command.name].branch
+                attempt = Attempt(COMPENSATE, command.task_id, command.name, "unapply")
+                args = (config, self._deps(command.deps), command.value)
+                self._start(attempt, branch.unapply, args, branch.timeout)  # type: ignore[arg-type]
+            elif type(command) is Finish:
+                if self._inactivity_timer is not None:
+                    self._inactivity_timer.cancel()
+                self._finished(command.outcome)
+
+    def _deps(self, deps: Mapping[str, Any]) -> Mapping[str, Any]:
+        return FrozenDeps(deps) if self.portable_deps else deps
+
+    def _start(
+        self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...], limit: float | None
+    ) -> None:
+        self.last_activity = self._now()
+        if limit is not None:
+            attempt.timer = self._call_later(limit, self._deadline, attempt, limit)
+        self._launch(attempt, fn, args)
+
+    # -- reports from the runner -----------------------------------------------------
+
+    def completed(self, attempt: Attempt, ok: bool, payload: Any) -> None:
+        """`attempt` returned `payload` (ok) or raised it."""
+        if attempt.done:
+            return
+        attempt.done = True
+        if attempt.timer is not None:
+            attempt.timer.cancel()
+        driver = self.driver
+        kind = attempt.kind
+        if kind is CONSULT:
+            if ok:
+                driver.decided(attempt.task_id, payload)
+            else:
+                driver.decided(attempt.task_id, None, payload)
+        else:
+            self.last_activity = self._now()
+            if kind is COMPENSATE:
+                driver.compensated(attempt.task_id, None if ok else payload)
+            else:
+                del self.attempts[attempt.task_id]
+                if attempt.lingering:
+                    driver.late_result(attempt.task_id, ok, payload)
+                elif kind is APPLY:
+                    if ok:
+                        driver.applied(attempt.task_id, payload)
+                    else:
+                        driver.failed(attempt.task_id, payload)
+                elif ok:
+                    driver.unapplied(attempt.task_id)
+                else:
+                    driver.failed(attempt.task_id, payload)
+        self.pump()
+
+    def _retry_due(self, task_id: int) -> None:
+        self.driver.retry_due(task_id)
+        self.pump()
+
+    def _deadline(self, attempt: Attempt, seconds: float) -> None:
+        """A branch's own timeout expired for `attempt`."""
+        if attempt.done or attempt.lingering:
+            return
+        attempt.lingering = True
+        error = BranchTimeout(attempt.name, attempt.phase, seconds)
+        if attempt.kind is COMPENSATE:
+            # a compensation that hangs: its value stays applied
+            attempt.done = True
+            self._cancel(attempt)
+            self.driver.compensated(attempt.task_id, error)
+        else:
+            self._cancel(attempt)
+            self.driver.failed(attempt.task_id, error, lingering=True)
+            self._call_later(self.grace_period, self._grace_over, attempt)
+        self.pump()
+
+    def _grace_over(self, attempt: Attempt) -> None:
+        if attempt.done:
+            return
+        attempt.done = True  # a result arriving later is ignored
+        self.attempts.pop(attempt.task_id, None)
+        self.driver.abandon(attempt.task_id)
+        self.pump()
+
+    def _check_inactivity(self) -> None:
+        assert self.timeout is not None
+        if self.driver.finished:
+            return
+        idle = self._now() - self.last_activity
+        live = [a for a in self.attempts.values() if not a.lingering and not a.done]
+        if not live or idle < self.timeout:
+            wait = self.timeout - idle if live else self.timeout
+            self._inactivity_timer = self._call_later(max(wait, 0.001), self._check_inactivity)
+            return
+        errors: list[BaseException] = []
+        for attempt in live:
+            attempt.lingering = True
+            if attempt.timer is not None:
+                attempt.timer.cancel()
+            errors.append(BranchTimeout(attempt.name, attempt.phase, self.timeout, inactivity=True))
+            self._cancel(attempt)
+            self._call_later(self.grace_period, self._grace_over, attempt)
+        self.driver.inactivity([a.task_id for a in live], errors, lingering=True)
+        self._inactivity_timer = self._call_later(self.timeout, self._check_inactivity)
+        self.pump()
+
+    def interrupt(self) -> None:
+        """Roll back now; try to cancel what runs (async attempts stop, threads not)."""
+        self.driver.interrupt()
+        for attempt in list(self.attempts.values()):
+            if not attempt.done and not attempt.lingering:
+                self._cancel(attempt)
+        self.pump()
+
+    def left_applied(self) -> list[str]:
+        """Branches whose effects stand right now (for an abrupt stop)."""
+        return [
+            name
+            for name, bs in self.state.branch_states.items()
+            if type(bs.task) in HOLDING or bs.lingering
+        ]
+
+
+def finite_or_none(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{what} must be a positive number of seconds or None, not {value!r}")
+    if math.isinf(value):
+        return None
+    return float(value)

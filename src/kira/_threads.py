@@ -1,0 +1,337 @@
+"""`run_tasks`: the runner on threads (or any concurrent.futures executor).
+
+The calling thread owns the driver. Callbacks run on an executor (a thread pool
+of our own by default); `async def` callbacks run on an event loop in a thread of
+the runner's own. Completions arrive on a queue; timers are a heap the calling
+thread serves while it waits, so a retry waiting for its delay blocks nobody.
+
+Ctrl-C: while a run is in the main thread, SIGINT is caught by a handler that
+only asks the loop to roll back at its next step, so the state is never left
+half-changed. A second Ctrl-C stops waiting and raises at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import queue
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from functools import partial
+from types import FrameType
+from typing import Any
+
+from ._branch import Branch
+from ._driver import Driver, Outcome
+from ._engine import DEFAULT_GRACE_PERIOD, Attempt, Engine, finite_or_none, is_async
+from ._events import EventHandler
+from ._state import RuntimeState
+
+log = logging.getLogger("kira")
+
+_INTERRUPT = object()  # queue message: SIGINT arrived
+
+
+class _Timer:
+    __slots__ = ("args", "cancelled", "fn")
+
+    def __init__(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _LoopThread:
+    """An event loop in a daemon thread, for `async def` callbacks."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="kira-loop", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+def _call_sync(fn: Callable[..., Any], *args: Any) -> Any:
+    result = fn(*args)
+    if hasattr(type(result), "__await__"):
+        # a plain function that returned an awaitable: await it here
+        return asyncio.run(_await(result))
+    return result
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+class ThreadEngine(Engine):
+    """The engine of `run_tasks`."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        *,
+        executor: Executor | None,
+        workers: int,
+        timeout: float | None,
+        grace_period: float,
+    ) -> None:
+        own_pool = executor is None
+        foreign = executor is not None and not isinstance(executor, ThreadPoolExecutor)
+        super().__init__(driver, timeout=timeout, grace_period=grace_period, portable_deps=foreign)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._seq = itertools.count()
+        # Headroom beyond the driver's limit for timed-out threads that never return.
+        self._own_pool = (
+            ThreadPoolExecutor(max_workers=workers + 16, thread_name_prefix="kira")
+            if own_pool
+            else None
+        )
+        self._executor: Executor = executor if executor is not None else self._own_pool  # type: ignore[assignment]
+        self._foreign = foreign
+        self._local_pool: ThreadPoolExecutor | None = None
+        self._loop_thread: _LoopThread | None = None
+        self._async_cache: dict[Any, bool] = {}
+        self.interrupts = 0
+
+    # -- Engine hooks -----------------------------------------------------------------
+
+    def _launch(self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        if self._is_async(fn):
+            self._launch_coroutine(attempt, fn, args)
+            return
+        try:
+            if self._foreign:
+                future = self._executor.submit(fn, *args)
+            else:
+                future = self._executor.submit(_call_sync, fn, *args)
+        except BaseException as exc:  # a broken or shut-down executor: a failed attempt
+            self._queue.put((attempt, None, exc))
+            return
+        attempt.handle = future
+        future.add_done_callback(partial(self._post, attempt))
+
+    def _launch_local(
+        self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        if self._is_async(fn):
+            self._launch_coroutine(attempt, fn, args)
+            return
+        if self._local_pool is None:
+            if self._own_pool is not None:
+                self._local_pool = self._own_pool
+            else:
+                self._local_pool = ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="kira-local"
+                )
+        future = self._local_pool.submit(_call_sync, fn, *args)
+        attempt.handle = future
+        future.add_done_callback(partial(self._post, attempt))
+
+    def _launch_coroutine(
+        self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        if self._loop_thread is None:
+            self._loop_thread = _LoopThread()
+        try:
+            coroutine = fn(*args)
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop_thread.loop)
+        except BaseException as exc:
+            self._queue.put((attempt, None, exc))
+            return
+        attempt.handle = future
+        future.add_done_callback(partial(self._post, attempt))
+
+    def _cancel(self, attempt: Attempt) -> None:
+        handle = attempt.handle
+        if isinstance(handle, Future):
+            handle.cancel()  # a cancelled future still calls its done callback
+
+    def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> _Timer:
+        timer = _Timer(fn, args)
+        heapq.heappush(self._timers, (self._now() + delay, next(self._seq), timer))
+        return timer
+
+    def _is_async(self, fn: Callable[..., Any]) -> bool:
+        try:
+            return self._async_cache[fn]
+        except KeyError:
+            result = self._async_cache[fn] = is_async(fn)
+            return result
+        except TypeError:  # unhashable callable
+            return is_async(fn)
+
+    def _post(self, attempt: Attempt, future: Future[Any]) -> None:
+        self._queue.put((attempt, future, None))
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        self.begin()
+        get = self._queue.get
+        get_nowait = self._queue.get_nowait
+        timers = self._timers
+        while self.outcome is None:
+            timeout = None
+            if timers:
+                timeout = max(0.0, timers[0][0] - self._now())
+            try:
+                message = get(timeout=timeout)
+            except queue.Empty:
+                message = None
+            while message is not None:
+                self._handle(message)
+                try:
+                    message = get_nowait()
+                except queue.Empty:
+                    message = None
+            if timers:
+                self._fire_due_timers()
+        return self.outcome
+
+    def _handle(self, message: Any) -> None:
+        if message is _INTERRUPT:
+            self.interrupts += 1
+            if self.interrupts == 1:
+                self.interrupt()
+                return
+            raise KeyboardInterrupt(
+                "interrupted again during the rollback; left applied: "
+                + (", ".join(self.left_applied()) or "nothing")
+            )
+        attempt, future, error = message
+        if future is None:
+            self.completed(attempt, False, error)
+        elif future.cancelled():
+            self.completed(attempt, False, asyncio.CancelledError())
+        else:
+            exc = future.exception()
+            if exc is None:
+                self.completed(attempt, True, future.result())
+            else:
+                self.completed(attempt, False, exc)
+
+    def _fire_due_timers(self) -> None:
+        timers = self._timers
+        now = self._now()
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.fn(*timer.args)
+
+    def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self._queue.put(_INTERRUPT)
+
+    def close(self) -> None:
+        if self._own_pool is not None:
+            self._own_pool.shutdown(wait=False, cancel_futures=True)
+        if self._local_pool is not None and self._local_pool is not self._own_pool:
+            self._local_pool.shutdown(wait=False, cancel_futures=True)
+        if self._loop_thread is not None:
+            self._loop_thread.close()
+
+
+def default_workers() -> int:
+    """ThreadPoolExecutor's own default: enough for I/O-bound callbacks."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+def run_tasks(
+    config: Any,
+    branches: Iterable[Branch],
+    timeout: float | None = None,
+    *,
+    max_workers: int | None = None,
+    executor: Executor | None = None,
+    journal: Any = None,
+    run_id: str | None = None,
+    on_event: EventHandler | None = None,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+) -> dict[str, Any]:
+    """Run `branches` on threads; return every branch's result, or roll back.
+
+    Args:
+        config: passed to every callback.
+        branches: the branch definitions (validated first: `GraphError`).
+        timeout: the run's inactivity limit in seconds: when no attempt starts or
+            finishes for that long, the attempts running fail with `BranchTimeout`
+            and the run rolls back.
+        max_workers: the most attempts running at once (default: like
+            `ThreadPoolExecutor`, min(32, CPUs + 4)).
+        executor: run apply/unapply on this `concurrent.futures.Executor` (a process
+            pool, a Dask client's executor) instead of a thread pool of kira's own.
+            Error handlers still run in this process. With a non-thread executor,
+            callbacks, config, deps and values must pickle.
+        journal: not supported yet (raises NotImplementedError).
+        run_id: the run's id, carried by events and errors (default: random hex).
+        on_event: called with every `Event` in transition order.
+        grace_period: how long to wait for a timed-out attempt that cannot be
+            stopped (a thread) before naming it in `RollbackIncomplete.abandoned`.
+
+    Returns:
+        A dict of every branch's result.
+
+    Raises:
+        GraphError: the branches do not form a valid graph; nothing ran.
+        RolledBack: a branch failed for good; every applied branch was unapplied.
+        RollbackIncomplete: the same, but some effects remain (`.still_applied`).
+        KeyboardInterrupt: Ctrl-C; raised after the rollback (its `__cause__` is
+            the rollback's outcome), or at once on a second Ctrl-C.
+    """
+    if journal is not None:
+        raise NotImplementedError("journal= is not supported yet")
+    run_id = run_id if run_id is not None else uuid.uuid4().hex
+    timeout = finite_or_none(timeout, "timeout")
+    state = RuntimeState.create(config, branches, timeout)
+    workers = max_workers if max_workers is not None else default_workers()
+    driver = Driver(state, run_id=run_id, limit=workers, on_event=on_event)
+    engine = ThreadEngine(
+        driver, executor=executor, workers=workers, timeout=timeout, grace_period=grace_period
+    )
+    previous = _install_sigint(engine)
+    try:
+        try:
+            outcome = engine.run()
+        except KeyboardInterrupt:
+            # Raised outside our handler (the run is not in the main thread, or
+            # the handler was replaced): roll back all the same, once.
+            if engine.interrupts or engine.driver.interrupted:
+                raise
+            engine.interrupts += 1
+            engine.interrupt()
+            outcome = engine.run()
+            raise KeyboardInterrupt("interrupted; rolled back") from outcome.error()
+        if engine.interrupts:
+            raise KeyboardInterrupt("interrupted; rolled back") from outcome.error()
+        return outcome.result()
+    finally:
+        _restore_sigint(previous)
+        engine.close()
+
+
+def _install_sigint(engine: ThreadEngine) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGINT, engine.on_sigint)
+    except ValueError:  # not the main interpreter
+        return None
+
+
+def _restore_sigint(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)

@@ -11,9 +11,10 @@ rollback stops waiting at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -71,37 +72,57 @@ class AsyncEngine(Engine):
         loop = self._loop
         try:
             if self._is_async(fn):
-                future: asyncio.Future[Any] = loop.create_task(fn(*args))
-            elif self._foreign and not local:
-                future = loop.run_in_executor(self._pool(), fn, *args)
+                attempt.handle = loop.create_task(self._run_coroutine(attempt, fn(*args)))
+                return
+            if self._foreign and not local:
+                future = self._pool().submit(fn, *args)
             else:
                 pool = self._pool() if not self._foreign else self._local_pool()
-                future = loop.run_in_executor(pool, _call_sync, fn, *args)
-        except BaseException as exc:  # a broken executor, a callback not callable
-            loop.call_soon(self.completed, attempt, False, exc)
+                future = pool.submit(_call_sync, fn, *args)
+        except BaseException as exc:  # a broken executor, a callback that cannot start
+            loop.call_soon(self._complete, attempt, False, exc)
             return
+        # A thread cannot be cancelled once it runs: keep the concurrent future, so
+        # that its result, however late, is reported (and compensated if need be).
         attempt.handle = future
-        future.add_done_callback(partial(self._on_done, attempt))
+        future.add_done_callback(partial(self._thread_done, attempt))
+
+    async def _run_coroutine(self, attempt: Attempt, coroutine: Any) -> None:
+        try:
+            value = await coroutine
+        except BaseException as exc:  # a cancelled attempt fails like any other
+            self._complete(attempt, False, exc)
+        else:
+            self._complete(attempt, True, value)
+
+    def _thread_done(self, attempt: Attempt, future: Future[Any]) -> None:
+        # in the worker thread: hand the outcome to the loop
+        if future.cancelled():
+            outcome: tuple[bool, Any] = (False, asyncio.CancelledError())
+        elif (exc := future.exception()) is not None:
+            outcome = (False, exc)
+        else:
+            outcome = (True, future.result())
+        with contextlib.suppress(RuntimeError):  # a closed loop: the run is long over
+            self._loop.call_soon_threadsafe(self._complete, attempt, *outcome)
+
+    def _complete(self, attempt: Attempt, ok: bool, payload: Any) -> None:
+        try:
+            self.completed(attempt, ok, payload)
+        except BaseException as exc:  # a bug: fail the run loudly rather than hang
+            if not self._done.done():
+                self._done.set_exception(exc)
 
     def _local_pool(self) -> Executor:
         if self._own_pool is None:
             self._own_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kira-local")
         return self._own_pool
 
-    def _on_done(self, attempt: Attempt, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            self.completed(attempt, False, asyncio.CancelledError())
-            return
-        exc = future.exception()
-        if exc is None:
-            self.completed(attempt, True, future.result())
-        else:
-            self.completed(attempt, False, exc)
-
     def _cancel(self, attempt: Attempt) -> None:
+        attempt.cancel_requested = True
         handle = attempt.handle
         if handle is not None:
-            handle.cancel()
+            handle.cancel()  # a task stops; a thread job is dropped only if not started
 
     def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> asyncio.TimerHandle:
         return self._loop.call_later(delay, fn, *args)

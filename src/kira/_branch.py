@@ -202,11 +202,15 @@ def retry_policy(
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
         raise ValueError(f"retry_policy: attempts must be an int >= 1, not {attempts!r}")
     for label, value in (("backoff", backoff), ("max_delay", max_delay)):
-        if not (isinstance(value, int | float) and value >= 0 and not math.isnan(value)):
-            raise ValueError(f"retry_policy: {label} must be a number >= 0, not {value!r}")
-    if not (isinstance(multiplier, int | float) and multiplier >= 1):
+        if not (_is_number(value) and value >= 0 and math.isfinite(value)):
+            raise ValueError(f"retry_policy: {label} must be a finite number >= 0, not {value!r}")
+    if not (_is_number(multiplier) and multiplier >= 1 and math.isfinite(multiplier)):
         raise ValueError(f"retry_policy: multiplier must be a number >= 1, not {multiplier!r}")
     kinds = on if isinstance(on, tuple) else (on,)
     if not kinds or not all(isinstance(k, type) and issubclass(k, BaseException) for k in kinds):
         raise TypeError(f"retry_policy: on must be exception types, not {on!r}")
     return _RetryPolicy(attempts, backoff, multiplier, max_delay, jitter, kinds, rng)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

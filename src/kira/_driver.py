@@ -475,39 +475,44 @@ class Driver:
         """Start whatever may start, retries first, up to the limit."""
         state = self.state
         outbox = self.outbox
-        while self._in_flight < self._limit:
+        limit = self._limit
+        while self._in_flight < limit:
             if self._due:
                 self._start_retry(self._due.popleft())
                 continue
             if not state.rolling_back:
-                name = state.next_apply_ready()
-                if name is None:
-                    return
-                task_id = self._next_id = self._next_id + 1
-                state.mark_as_applying(name, task_id)
-                self._in_flight += 1
-                deps = MappingProxyType(state.resolve_dependencies_of(name))
-                if self._emit is not None:
-                    self._event("apply_started", name, 1)
-                outbox.append(StartApply(task_id, name, 1, deps))
-            else:
-                name = state.next_unapply_ready()
-                if name is None:
-                    return
-                task_id = self._next_id = self._next_id + 1
-                bs = state.branch_states[name]
-                value = bs.task.value  # type: ignore[union-attr]
-                state.mark_as_unapplying(name, task_id)
-                self._event("unapply_started", name, 1)
-                if bs.branch.unapply is None:
-                    # Nothing to undo: an instant success, still in order.
-                    state.mark_as_unapplied(name)
-                    self._unapplied.append(name)
-                    self._event("unapplied", name, 1, value=value)
-                    continue
-                self._in_flight += 1
-                deps = MappingProxyType(state.resolve_dependencies_of(name))
-                outbox.append(StartUnapply(task_id, name, 1, deps, value))
+                # the hot loop of every run: kept lean on purpose
+                peek = state.next_apply_ready
+                emit = self._emit
+                while self._in_flight < limit:
+                    name = peek()
+                    if name is None:
+                        return
+                    task_id = self._next_id = self._next_id + 1
+                    state.mark_as_applying(name, task_id)
+                    self._in_flight += 1
+                    deps = MappingProxyType(state.resolve_dependencies_of(name))
+                    if emit is not None:
+                        self._event("apply_started", name, 1)
+                    outbox.append(StartApply(task_id, name, 1, deps))
+                return
+            name = state.next_unapply_ready()
+            if name is None:
+                return
+            task_id = self._next_id = self._next_id + 1
+            bs = state.branch_states[name]
+            value = bs.task.value  # type: ignore[union-attr]
+            state.mark_as_unapplying(name, task_id)
+            self._event("unapply_started", name, 1)
+            if bs.branch.unapply is None:
+                # Nothing to undo: an instant success, still in order.
+                state.mark_as_unapplied(name)
+                self._unapplied.append(name)
+                self._event("unapplied", name, 1, value=value)
+                continue
+            self._in_flight += 1
+            deps = MappingProxyType(state.resolve_dependencies_of(name))
+            outbox.append(StartUnapply(task_id, name, 1, deps, value))
 
     def _start_retry(self, old_id: int) -> None:
         state = self.state

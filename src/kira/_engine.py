@@ -41,7 +41,17 @@ class TimerHandle(Protocol):
 class Attempt:
     """One callback in flight: an apply, an unapply, a handler call, a compensation."""
 
-    __slots__ = ("done", "handle", "kind", "lingering", "name", "phase", "task_id", "timer")
+    __slots__ = (
+        "cancel_requested",
+        "done",
+        "handle",
+        "kind",
+        "lingering",
+        "name",
+        "phase",
+        "task_id",
+        "timer",
+    )
 
     def __init__(self, kind: str, task_id: int, name: str, phase: Phase) -> None:
         self.kind = kind
@@ -50,6 +60,7 @@ class Attempt:
         self.phase = phase
         self.done = False
         self.lingering = False
+        self.cancel_requested = False
         self.handle: Any = None
         self.timer: TimerHandle | None = None
 
@@ -179,7 +190,8 @@ class Engine:
     def _start(
         self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...], limit: float | None
     ) -> None:
-        self.last_activity = self._now()
+        if self.timeout is not None:
+            self.last_activity = self._now()
         if limit is not None:
             attempt.timer = self._call_later(limit, self._deadline, attempt, limit)
         self._launch(attempt, fn, args)
@@ -201,7 +213,8 @@ class Engine:
             else:
                 driver.decided(attempt.task_id, None, payload)
         else:
-            self.last_activity = self._now()
+            if self.timeout is not None:
+                self.last_activity = self._now()
             if kind is COMPENSATE:
                 driver.compensated(attempt.task_id, None if ok else payload)
             else:

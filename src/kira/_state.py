@@ -274,6 +274,7 @@ class BranchState:
         "_dependents",
         "_deps",
         "_holders",
+        "_lingered",
         "_lingering",
         "_waiting",
         "apply_attempts",
@@ -299,6 +300,8 @@ class BranchState:
         self._lingering = 0
         # lingering attempts no longer waited for; they hold dependencies for good
         self._abandoned = 0
+        # (phase, attempt) of the last attempt marked lingering, so it is marked once
+        self._lingered: tuple[str, int] | None = None
         # the current attempt failed and awaits a retry or a give-up
         self._attempt_failed = False
 
@@ -449,10 +452,13 @@ class RuntimeState:
             )
         graph = validate(branches)
         states = [BranchState(b) for b in graph.branches]
+        at = states.__getitem__
         for bs, deps, dependents in zip(states, graph.dependencies, graph.dependents, strict=True):
-            bs._deps = tuple(states[j] for j in deps)
-            bs._dependents = tuple(states[j] for j in dependents)
-            bs._waiting = len(deps)
+            if deps:
+                bs._deps = tuple(map(at, deps))
+                bs._waiting = len(deps)
+            if dependents:
+                bs._dependents = tuple(map(at, dependents))
         return cls(config, {bs.branch.name: bs for bs in states}, timeout, clock or _utc_now)
 
     # -- queries ----------------------------------------------------------------
@@ -527,7 +533,9 @@ class RuntimeState:
 
     def resolve_dependencies_of(self, name: str) -> dict[str, Any]:
         """`name`'s direct dependencies' results, in its dependency order."""
-        bs = self._get(name, "resolve_dependencies_of")
+        bs = self.branch_states.get(name) if type(name) is str else None
+        if bs is None:
+            bs = self._get(name, "resolve_dependencies_of")
         try:
             return {d.branch.name: d.task.value for d in bs._deps}  # type: ignore[union-attr]
         except AttributeError:
@@ -558,19 +566,39 @@ class RuntimeState:
 
         From now on `name` holds its dependencies: none may unapply until it ends.
         """
-        bs = self._check(name, "mark_as_applying")
-        if bs._waiting:
-            self._refuse(
-                bs,
-                "mark_as_applying",
-                "dependencies not applied yet: " + ", ".join(sorted(bs.awaiting)),
-            )
-        if self._rolling_back:
-            self._refuse(bs, "mark_as_applying", "the run is rolling back: no apply may start")
-        self._check_task_id(bs, "mark_as_applying", task_id)
+        bs = self.branch_states.get(name) if type(name) is str else None
+        if (
+            bs is None
+            or type(bs.task) is not NotStarted
+            or bs._waiting
+            or self._rolling_back
+            or type(task_id) is not int  # anything else: checked for hashability below
+            or task_id in self.running
+        ):
+            bs = self._check(name, "mark_as_applying")
+            if bs._waiting:
+                self._refuse(
+                    bs,
+                    "mark_as_applying",
+                    "dependencies not applied yet: " + ", ".join(sorted(bs.awaiting)),
+                )
+            if self._rolling_back:
+                self._refuse(bs, "mark_as_applying", "the run is rolling back: no apply may start")
+            self._check_task_id(bs, "mark_as_applying", task_id)
+        # The hot path of every run, so `_move(bs, RunningApply(task_id))` written
+        # out for this one pair of states (the property tests check they agree).
         bs.apply_attempts = 1
         bs._attempt_failed = False
-        self._move(bs, RunningApply(task_id))
+        bs.task = RunningApply(task_id)
+        self.running[task_id] = name
+        self.progress.applies_running.add(name)
+        self._apply_ready.discard(name)
+        if not (bs._lingering or bs._abandoned):
+            unready = self._unapply_ready
+            for d in bs._deps:
+                if not d._holders:
+                    unready.discard(d.branch.name)
+                d._holders += 1
 
     def record_failure(self, name: str, error: BaseException) -> BranchError:
         """The running attempt of `name` failed with `error`; keep it, stamped.
@@ -626,10 +654,25 @@ class RuntimeState:
 
     def mark_as_applied(self, name: str, value: Any) -> None:
         """The apply of `name` succeeded with `value`; dependents may become ready."""
-        bs = self._check(name, "mark_as_applied")
-        if bs._attempt_failed:
-            self._refuse(bs, "mark_as_applied", "its current attempt failed")
-        self._move(bs, DoneApplied(value))
+        bs = self.branch_states.get(name) if type(name) is str else None
+        if bs is None or type(bs.task) not in _APPLYING or bs._attempt_failed:
+            bs = self._check(name, "mark_as_applied")
+            if bs._attempt_failed:
+                self._refuse(bs, "mark_as_applied", "its current attempt failed")
+        # `_move(bs, DoneApplied(value))` written out, as in `mark_as_applying`.
+        task = bs.task
+        del self.running[task.task_id]  # type: ignore[union-attr]
+        self._progress_sets[type(task)].discard(name)
+        bs.task = DoneApplied(value)
+        self._n_done_applied += 1
+        self.progress.applied += 1
+        ready = self._apply_ready
+        for d in bs._dependents:
+            d._waiting -= 1
+            if not d._waiting and type(d.task) is NotStarted:
+                ready.add(d.branch.name)
+        if not bs._holders:
+            self._unapply_ready.add(name)
 
     def mark_as_failed(self, name: str) -> None:
         """Give up on `name`'s apply (after `record_failure`); the run rolls back.
@@ -718,6 +761,14 @@ class RuntimeState:
         bs = self._check(name, "mark_as_lingering")
         if not bs._attempt_failed:
             self._refuse(bs, "mark_as_lingering", "record the timeout as its failure first")
+        key = (
+            ("apply", bs.apply_attempts)
+            if type(bs.task) in _APPLYING
+            else ("unapply", bs.unapply_attempts)
+        )
+        if bs._lingered == key:
+            self._refuse(bs, "mark_as_lingering", "this attempt is already lingering")
+        bs._lingered = key
         bs._lingering += 1
         self._lingering_total += 1
         # its task state holds already, so no neighbour changes
@@ -774,9 +825,8 @@ class RuntimeState:
         try:
             return self.branch_states[name]
         except (KeyError, TypeError):
-            raise RuntimeStateError(
-                repr(name), action, "unknown", "no branch has this name"
-            ) from None
+            label = name if isinstance(name, str) else repr(name)
+            raise RuntimeStateError(label, action, "unknown", "no branch has this name") from None
 
     def _check(self, name: str, action: str) -> BranchState:
         bs = self._get(name, action)

@@ -77,6 +77,58 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+class _Workers:
+    """kira's own thread pool: one job queue, daemon threads, no futures.
+
+    Cheaper per job than `ThreadPoolExecutor` (no Future, no condition variable
+    per job), which matters when branches are short. Threads are added whenever
+    more jobs are outstanding than threads exist, so a timed-out attempt that
+    never returns costs one thread, never the run's progress. Daemon threads: an
+    abandoned attempt cannot keep the interpreter from exiting.
+    """
+
+    def __init__(self, post: Callable[[Any], None]) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._post = post
+        self._threads: list[threading.Thread] = []
+        self.outstanding = 0  # jobs submitted and not yet reported; calling thread only
+
+    def submit(self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.outstanding += 1
+        if self.outstanding > len(self._threads):
+            thread = threading.Thread(
+                target=_work,
+                args=(self._jobs, self._post),
+                name=f"kira-{len(self._threads)}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        self._jobs.put((attempt, fn, args))
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+def _work(jobs: queue.SimpleQueue[Any], post: Callable[[Any], None]) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        attempt, fn, args = job
+        if attempt.cancel_requested:
+            post((attempt, False, asyncio.CancelledError()))
+            continue
+        try:
+            result = _call_sync(fn, *args)
+        except BaseException as exc:  # SystemExit too: it fails the attempt, not the pool
+            post((attempt, False, exc))
+        else:
+            post((attempt, True, result))
+        del job, attempt, fn, args
+
+
 class ThreadEngine(Engine):
     """The engine of `run_tasks`."""
 
@@ -85,25 +137,16 @@ class ThreadEngine(Engine):
         driver: Driver,
         *,
         executor: Executor | None,
-        workers: int,
         timeout: float | None,
         grace_period: float,
     ) -> None:
-        own_pool = executor is None
         foreign = executor is not None and not isinstance(executor, ThreadPoolExecutor)
         super().__init__(driver, timeout=timeout, grace_period=grace_period, portable_deps=foreign)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, _Timer]] = []
         self._seq = itertools.count()
-        # Headroom beyond the driver's limit for timed-out threads that never return.
-        self._own_pool = (
-            ThreadPoolExecutor(max_workers=workers + 16, thread_name_prefix="kira")
-            if own_pool
-            else None
-        )
-        self._executor: Executor = executor if executor is not None else self._own_pool  # type: ignore[assignment]
-        self._foreign = foreign
-        self._local_pool: ThreadPoolExecutor | None = None
+        self._workers = _Workers(self._queue.put)
+        self._executor = executor
         self._loop_thread: _LoopThread | None = None
         self._async_cache: dict[Any, bool] = {}
         self.interrupts = 0
@@ -113,34 +156,26 @@ class ThreadEngine(Engine):
     def _launch(self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         if self._is_async(fn):
             self._launch_coroutine(attempt, fn, args)
-            return
-        try:
-            if self._foreign:
+        elif self._executor is None:
+            attempt.handle = self._workers
+            self._workers.submit(attempt, fn, args)
+        else:
+            try:
                 future = self._executor.submit(fn, *args)
-            else:
-                future = self._executor.submit(_call_sync, fn, *args)
-        except BaseException as exc:  # a broken or shut-down executor: a failed attempt
-            self._queue.put((attempt, None, exc))
-            return
-        attempt.handle = future
-        future.add_done_callback(partial(self._post, attempt))
+            except BaseException as exc:  # a broken or shut-down executor: a failed attempt
+                self._queue.put((attempt, False, exc))
+                return
+            attempt.handle = future
+            future.add_done_callback(partial(self._post_future, attempt))
 
     def _launch_local(
         self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]
     ) -> None:
         if self._is_async(fn):
             self._launch_coroutine(attempt, fn, args)
-            return
-        if self._local_pool is None:
-            if self._own_pool is not None:
-                self._local_pool = self._own_pool
-            else:
-                self._local_pool = ThreadPoolExecutor(
-                    max_workers=4, thread_name_prefix="kira-local"
-                )
-        future = self._local_pool.submit(_call_sync, fn, *args)
-        attempt.handle = future
-        future.add_done_callback(partial(self._post, attempt))
+        else:
+            attempt.handle = self._workers
+            self._workers.submit(attempt, fn, args)
 
     def _launch_coroutine(
         self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]
@@ -151,12 +186,23 @@ class ThreadEngine(Engine):
             coroutine = fn(*args)
             future = asyncio.run_coroutine_threadsafe(coroutine, self._loop_thread.loop)
         except BaseException as exc:
-            self._queue.put((attempt, None, exc))
+            self._queue.put((attempt, False, exc))
             return
         attempt.handle = future
-        future.add_done_callback(partial(self._post, attempt))
+        future.add_done_callback(partial(self._post_future, attempt))
+
+    def _post_future(self, attempt: Attempt, future: Future[Any]) -> None:
+        if future.cancelled():
+            self._queue.put((attempt, False, asyncio.CancelledError()))
+            return
+        exc = future.exception()
+        if exc is None:
+            self._queue.put((attempt, True, future.result()))
+        else:
+            self._queue.put((attempt, False, exc))
 
     def _cancel(self, attempt: Attempt) -> None:
+        attempt.cancel_requested = True  # a job not yet started in our pool is skipped
         handle = attempt.handle
         if isinstance(handle, Future):
             handle.cancel()  # a cancelled future still calls its done callback
@@ -175,13 +221,12 @@ class ThreadEngine(Engine):
         except TypeError:  # unhashable callable
             return is_async(fn)
 
-    def _post(self, attempt: Attempt, future: Future[Any]) -> None:
-        self._queue.put((attempt, future, None))
-
     # -- the loop ---------------------------------------------------------------------
 
     def run(self) -> Outcome:
-        self.begin()
+        if self.outcome is None and not self.driver.finished and not self._started:
+            self._started = True
+            self.begin()
         get = self._queue.get
         get_nowait = self._queue.get_nowait
         timers = self._timers
@@ -203,6 +248,8 @@ class ThreadEngine(Engine):
                 self._fire_due_timers()
         return self.outcome
 
+    _started = False
+
     def _handle(self, message: Any) -> None:
         if message is _INTERRUPT:
             self.interrupts += 1
@@ -213,17 +260,10 @@ class ThreadEngine(Engine):
                 "interrupted again during the rollback; left applied: "
                 + (", ".join(self.left_applied()) or "nothing")
             )
-        attempt, future, error = message
-        if future is None:
-            self.completed(attempt, False, error)
-        elif future.cancelled():
-            self.completed(attempt, False, asyncio.CancelledError())
-        else:
-            exc = future.exception()
-            if exc is None:
-                self.completed(attempt, True, future.result())
-            else:
-                self.completed(attempt, False, exc)
+        attempt, ok, payload = message
+        if attempt.handle is self._workers:
+            self._workers.outstanding -= 1
+        self.completed(attempt, ok, payload)
 
     def _fire_due_timers(self) -> None:
         timers = self._timers
@@ -237,10 +277,7 @@ class ThreadEngine(Engine):
         self._queue.put(_INTERRUPT)
 
     def close(self) -> None:
-        if self._own_pool is not None:
-            self._own_pool.shutdown(wait=False, cancel_futures=True)
-        if self._local_pool is not None and self._local_pool is not self._own_pool:
-            self._local_pool.shutdown(wait=False, cancel_futures=True)
+        self._workers.close()
         if self._loop_thread is not None:
             self._loop_thread.close()
 
@@ -299,9 +336,7 @@ def run_tasks(
     state = RuntimeState.create(config, branches, timeout)
     workers = max_workers if max_workers is not None else default_workers()
     driver = Driver(state, run_id=run_id, limit=workers, on_event=on_event)
-    engine = ThreadEngine(
-        driver, executor=executor, workers=workers, timeout=timeout, grace_period=grace_period
-    )
+    engine = ThreadEngine(driver, executor=executor, timeout=timeout, grace_period=grace_period)
     previous = _install_sigint(engine)
     try:
         try:

@@ -1,0 +1,234 @@
+"""Benchmark: the runners against hand-written loops and Dask, and their makespan.
+
+One process run. No-op branches (each returns the sum of its dependencies'
+results) on the layered DAG of `state_machine.py`, at 10k and 100k branches:
+
+- `run_tasks(max_workers=8)` against a hand-written `graphlib.TopologicalSorter` +
+  `ThreadPoolExecutor(8)` loop (completions through done-callbacks and a queue,
+  the fast way to write it) and against `dask.threaded.get(num_workers=8)`;
+- `run_tasks_async` (async def callbacks) against a hand-written asyncio
+  ready-queue loop.
+
+Makespan: 200 branches in layers of 20, each sleeping 5-20 ms (fixed per branch),
+max_workers=8: makespan / max(critical path, total work / 8).
+
+Run: `.venv/bin/python benchmarks/runners.py [--quick]` (needs `dask`, from
+the `kira[dask]` extra, for the Dask column).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import queue
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from graphlib import TopologicalSorter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import kira
+from state_machine import layered_graph
+
+WORKERS = 8
+
+
+def _sum_apply(config: object, deps: Any) -> int:
+    return sum(deps.values()) + 1
+
+
+async def _async_sum_apply(config: object, deps: Any) -> int:
+    return sum(deps.values()) + 1
+
+
+def _sum(*values: int) -> int:
+    return sum(values) + 1
+
+
+async def _async_sum(*values: int) -> int:
+    return sum(values) + 1
+
+
+def sync_branches(graph: dict[str, list[str]]) -> list[kira.Branch]:
+    return [kira.Branch(n, _sum_apply, deps) for n, deps in graph.items()]
+
+
+def async_branches(graph: dict[str, list[str]]) -> list[kira.Branch]:
+    return [kira.Branch(n, _async_sum_apply, deps) for n, deps in graph.items()]
+
+
+# The branch lists are built outside the timed section, as the baselines' graph
+# dicts are; validating them (RuntimeState.create) is timed, as graphlib's is.
+def kira_threads(branches: list[kira.Branch]) -> dict[str, Any]:
+    return kira.run_tasks(None, branches, max_workers=WORKERS)
+
+
+def kira_async(branches: list[kira.Branch]) -> dict[str, Any]:
+    return asyncio.run(kira.run_tasks_async(None, branches))
+
+
+def handwritten_threads(graph: dict[str, list[str]]) -> dict[str, Any]:
+    ts = TopologicalSorter(graph)
+    ts.prepare()
+    results: dict[str, Any] = {}
+    done: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    active = 0
+    with ThreadPoolExecutor(WORKERS) as pool:
+        while ts.is_active():
+            for name in ts.get_ready():
+                future = pool.submit(_sum, *[results[d] for d in graph[name]])
+                future.add_done_callback(lambda f, n=name: done.put((n, f)))
+                active += 1
+            name, future = done.get()
+            active -= 1
+            results[name] = future.result()
+            ts.done(name)
+    return results
+
+
+def handwritten_async(graph: dict[str, list[str]]) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        ts = TopologicalSorter(graph)
+        ts.prepare()
+        results: dict[str, Any] = {}
+        done: asyncio.Queue[tuple[str, asyncio.Task[int]]] = asyncio.Queue()
+        while ts.is_active():
+            for name in ts.get_ready():
+                task = asyncio.create_task(_async_sum(*[results[d] for d in graph[name]]))
+                task.add_done_callback(lambda t, n=name: done.put_nowait((n, t)))
+            name, task = await done.get()
+            results[name] = task.result()
+            ts.done(name)
+        return results
+
+    return asyncio.run(main())
+
+
+def dask_threaded(graph: dict[str, list[str]]) -> dict[str, Any]:
+    import dask.threaded  # noqa: PLC0415 - optional: the kira[dask] extra
+
+    dsk = {name: (_sum, *deps) for name, deps in graph.items()}
+    keys = list(graph)
+    values = dask.threaded.get(dsk, keys, num_workers=WORKERS)
+    return dict(zip(keys, values, strict=True))
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- makespan ---------------------------------------------------------------------
+
+
+def makespan_graph(seed: int = 7) -> tuple[dict[str, list[str]], dict[str, float]]:
+    rng = random.Random(seed)
+    graph: dict[str, list[str]] = {}
+    cost: dict[str, float] = {}
+    previous: list[str] = []
+    for layer in range(10):
+        names = [f"L{layer}n{i}" for i in range(20)]
+        for name in names:
+            graph[name] = rng.sample(previous, k=rng.randint(1, 3)) if previous else []
+            cost[name] = rng.uniform(0.005, 0.020)
+        previous = names
+    return graph, cost
+
+
+def lower_bound(graph: dict[str, list[str]], cost: dict[str, float]) -> float:
+    finish: dict[str, float] = {}
+    for name in TopologicalSorter(graph).static_order():
+        finish[name] = cost[name] + max((finish[d] for d in graph[name]), default=0.0)
+    return max(max(finish.values()), sum(cost.values()) / WORKERS)
+
+
+def makespan(runner: str, graph: dict[str, list[str]], cost: dict[str, float]) -> float:
+    def sleeper(seconds: float) -> Callable[[object, object], None]:
+        return lambda config, deps: time.sleep(seconds)
+
+    def async_sleeper(seconds: float) -> Callable[[object, object], Any]:
+        async def apply(config: object, deps: object) -> None:
+            await asyncio.sleep(seconds)
+
+        return apply
+
+    start = time.perf_counter()
+    if runner == "threads":
+        branches = [kira.Branch(n, sleeper(cost[n]), d) for n, d in graph.items()]
+        kira.run_tasks(None, branches, max_workers=WORKERS)
+    else:
+        branches = [kira.Branch(n, async_sleeper(cost[n]), d) for n, d in graph.items()]
+        asyncio.run(kira.run_tasks_async(None, branches, max_workers=WORKERS))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    sizes = [1_000, 10_000] if quick else [10_000, 100_000]
+    version = sys.version.split()[0]
+    print(f"no-op branches on the layered DAG; max_workers={WORKERS}; python {version}")
+    print("medians of 5 (10k) / 3 (100k) runs\n")
+    header = f"{'N':>8} {'runner':<22} {'seconds':>9} {'branches/s':>11} {'ratio':>20}"
+    print(header)
+    print("-" * len(header))
+    for n in sizes:
+        graph = layered_graph(n)
+        repeats = 5 if n <= 10_000 else 3
+        sb, ab = sync_branches(graph), async_branches(graph)
+        expected = handwritten_threads(graph)
+        assert kira_threads(sb) == expected
+        assert kira_async(ab) == expected
+        t_hand = median_seconds(lambda g=graph: handwritten_threads(g), repeats)
+        t_kira = median_seconds(lambda b=sb: kira_threads(b), repeats)
+        try:
+            assert dask_threaded(graph) == expected
+            t_dask: float | None = median_seconds(lambda g=graph: dask_threaded(g), repeats)
+        except ImportError:
+            t_dask = None
+        t_ahand = median_seconds(lambda g=graph: handwritten_async(g), repeats)
+        t_akira = median_seconds(lambda b=ab: kira_async(b), repeats)
+        print(f"{n:>8} {'hand-written threads':<22} {t_hand:>9.3f} {n / t_hand:>11,.0f} {'':>20}")
+        print(
+            f"{n:>8} {'kira.run_tasks':<22} {t_kira:>9.3f} {n / t_kira:>11,.0f} "
+            f"{f'{t_kira / t_hand:.2f}x hand-written':>20}"
+        )
+        if t_dask is not None:
+            print(
+                f"{n:>8} {'dask.threaded.get':<22} {t_dask:>9.3f} {n / t_dask:>11,.0f} "
+                f"{f'kira {t_dask / t_kira:.2f}x faster':>20}"
+            )
+        print(f"{n:>8} {'hand-written asyncio':<22} {t_ahand:>9.3f} {n / t_ahand:>11,.0f} {'':>20}")
+        print(
+            f"{n:>8} {'kira.run_tasks_async':<22} {t_akira:>9.3f} {n / t_akira:>11,.0f} "
+            f"{f'{t_akira / t_ahand:.2f}x hand-written':>20}"
+        )
+
+    graph, cost = makespan_graph()
+    bound = lower_bound(graph, cost)
+    print(
+        f"\nmakespan, 200 branches in layers of 20, 5-20 ms each, max_workers={WORKERS}; "
+        f"lower bound max(critical path, work/{WORKERS}) = {bound:.3f} s"
+    )
+    for runner in ("threads", "asyncio"):
+        spans = [makespan(runner, graph, cost) for _ in range(5)]
+        m = statistics.median(spans)
+        print(f"  {runner:<8} median {m:.3f} s  ratio {m / bound:.3f}")
+    print(
+        "\ntargets: threads <= 1.5x hand-written and faster than dask; "
+        "async <= 1.5x hand-written; makespan ratio <= 1.05"
+    )
+
+
+if __name__ == "__main__":
+    main()

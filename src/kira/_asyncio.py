@@ -20,10 +20,18 @@ from typing import Any
 
 from ._branch import Branch
 from ._driver import Driver, Outcome
-from ._engine import DEFAULT_GRACE_PERIOD, Attempt, Engine, finite_or_none, is_async
+from ._engine import (
+    DEFAULT_GRACE_PERIOD,
+    Attempt,
+    Engine,
+    _current,
+    call_with_attempt,
+    finite_or_none,
+    is_async,
+)
 from ._events import EventHandler
 from ._state import RuntimeState
-from ._threads import _call_sync, default_workers
+from ._threads import default_workers
 
 
 class AsyncEngine(Engine):
@@ -47,6 +55,7 @@ class AsyncEngine(Engine):
         self._executor = executor
         self._foreign = foreign
         self._done: asyncio.Future[Outcome] = loop.create_future()
+        self._pump_scheduled = False
         self._async_cache: dict[Any, bool] = {}
 
     def _pool(self) -> Executor:
@@ -74,11 +83,8 @@ class AsyncEngine(Engine):
             if self._is_async(fn):
                 attempt.handle = loop.create_task(self._run_coroutine(attempt, fn(*args)))
                 return
-            if self._foreign and not local:
-                future = self._pool().submit(fn, *args)
-            else:
-                pool = self._pool() if not self._foreign else self._local_pool()
-                future = pool.submit(_call_sync, fn, *args)
+            pool = self._pool() if not (self._foreign and local) else self._local_pool()
+            future = pool.submit(call_with_attempt, attempt.info, fn, *args)
         except BaseException as exc:  # a broken executor, a callback that cannot start
             loop.call_soon(self._complete, attempt, False, exc)
             return
@@ -88,6 +94,7 @@ class AsyncEngine(Engine):
         future.add_done_callback(partial(self._thread_done, attempt))
 
     async def _run_coroutine(self, attempt: Attempt, coroutine: Any) -> None:
+        _current.set(attempt.info)  # this task's own context
         try:
             value = await coroutine
         except BaseException as exc:  # a cancelled attempt fails like any other
@@ -110,6 +117,20 @@ class AsyncEngine(Engine):
         try:
             self.completed(attempt, ok, payload)
         except BaseException as exc:  # a bug: fail the run loudly rather than hang
+            if not self._done.done():
+                self._done.set_exception(exc)
+            return
+        if not self._pump_scheduled:
+            # everything that completes in this turn of the loop is pumped (and
+            # journaled) together
+            self._pump_scheduled = True
+            self._loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        try:
+            self.pump()
+        except BaseException as exc:
             if not self._done.done():
                 self._done.set_exception(exc)
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple, TypeAlias, final
+from typing import Any, Literal, NamedTuple, Protocol, TypeAlias, final
 
 from ._branch import RetryAfter
 from ._errors import (
     BranchError,
+    KiraError,
     Phase,
     RollbackIncomplete,
     RolledBack,
@@ -27,11 +29,17 @@ from ._errors import (
 from ._events import Event, EventHandler, EventKind
 from ._state import (
     DoneApplied,
+    NotStarted,
     RunningApply,
     RunningApplyRetry,
+    RunningUnapply,
+    RunningUnapplyRetry,
     RuntimeState,
     UnapplyFailed,
 )
+
+_UNAPPLYING = (RunningUnapply, RunningUnapplyRetry)
+_RUNNING_KINDS = (RunningApply, RunningApplyRetry, RunningUnapply, RunningUnapplyRetry)
 
 log = logging.getLogger("kira")
 
@@ -182,13 +190,16 @@ class Driver:
         "_due",
         "_emit",
         "_in_flight",
+        "_journal",
         "_late_left",
         "_limit",
         "_lingering",
         "_next_id",
+        "_pending_value",
         "_results",
         "_timers",
         "_unapplied",
+        "_user_emit",
         "culprit",
         "finished",
         "interrupted",
@@ -205,6 +216,7 @@ class Driver:
         run_id: str,
         limit: int | None = None,
         on_event: EventHandler | None = None,
+        journal: JournalLike | None = None,
     ) -> None:
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
@@ -217,11 +229,17 @@ class Driver:
         self.outcome: Outcome | None = None
         self.culprit: BranchError | None = None
         self.interrupted = False
-        self._emit = on_event
+        self._journal = journal
+        # events are built when someone listens: the caller or the journal
+        self._emit: EventHandler | None = on_event
+        if journal is not None and on_event is None:
+            self._emit = _ignore
+        self._user_emit = on_event
         self._limit = limit if limit is not None else 1 << 62
         self._in_flight = 0
         self._next_id = 0
         self._results: dict[str, Any] = {}
+        self._pending_value: str | bytes | None = None  # the encoded result being recorded
         self._unapplied: list[str] = []
         # failed attempts whose retry waits for a timer / for a free slot
         self._timers: dict[int, str] = {}
@@ -244,6 +262,16 @@ class Driver:
         """The apply attempt `task_id` returned `value`."""
         state = self.state
         name = state.running[task_id]
+        if self._journal is not None:
+            try:
+                encoded = self._journal.encode(name, value)
+            except KiraError as exc:
+                # The apply happened but cannot be recorded: a failure of the
+                # branch, whose value is then compensated like a late one.
+                self.failed(task_id, exc, lingering=True, final=True)
+                self.late_result(task_id, True, value)
+                return
+            self._pending_value = encoded
         self._in_flight -= 1
         state.mark_as_applied(name, value)
         self._results[name] = value
@@ -315,7 +343,7 @@ class Driver:
                 handler_error,
             )
             state.attach_handler_error(name, handler_error)
-            self._give_up(name, phase)
+            self._give_up(name, phase, handler_error)
         elif phase == "apply" and state.rolling_back:
             self._give_up(name, phase)
         elif decision is True:
@@ -432,6 +460,102 @@ class Driver:
         self._fill()
         self._check_finished()
 
+    # -- resuming a recorded run ---------------------------------------------------------
+
+    def restore(self, events: list[Event]) -> None:
+        """Bring this fresh driver to where a recorded run's `events` left it.
+
+        The events are replayed through the state's own transitions (so a damaged
+        or foreign record fails loudly instead of building an impossible state),
+        each stamped with its recorded time. Call before `resume`.
+        """
+        state = self.state
+        recorded_at: list[datetime] = [datetime.now(UTC)]
+        clock = state._clock
+        state._clock = lambda: recorded_at[0]
+        task_id = 0
+        try:
+            for event in events:
+                recorded_at[0] = event.at
+                kind, name = event.kind, event.branch
+                if event.attempt is None and kind.startswith("unappl"):
+                    continue  # the compensation of a late value: no transition
+                if kind == "rollback_started":
+                    state.start_rollback()
+                    continue
+                if name is None:
+                    continue
+                bs = state.branch_states[name]
+                if kind == "apply_started":
+                    if _is_applying(bs.task) and bs.apply_attempts == event.attempt:
+                        continue  # the same attempt, made again after a crash
+                    task_id += 1
+                    if type(bs.task) is NotStarted:
+                        state.mark_as_applying(name, task_id)
+                    else:
+                        state.record_apply_retry(name, task_id)
+                    bs.apply_attempts = event.attempt or 1
+                elif kind == "applied":
+                    state.mark_as_applied(name, event.value)
+                    self._results[name] = event.value
+                elif kind in ("apply_failed", "unapply_failed"):
+                    state.record_failure(name, event.error or RuntimeError("unrecorded error"))
+                elif kind == "failed":
+                    if event.error is not None:
+                        state.attach_handler_error(name, event.error)
+                    if event.value == "unapply":
+                        state.mark_as_unapply_failed(name)
+                    else:
+                        first = not state.rolling_back
+                        state.mark_as_failed(name)
+                        if first:
+                            self.culprit = bs.errors[-1]
+                elif kind == "unapply_started":
+                    if type(bs.task) in _UNAPPLYING and bs.unapply_attempts == event.attempt:
+                        continue
+                    task_id += 1
+                    if type(bs.task) is DoneApplied:
+                        state.mark_as_unapplying(name, task_id)
+                    else:
+                        state.record_unapply_retry(name, task_id)
+                    bs.unapply_attempts = event.attempt or 1
+                elif kind == "unapplied":
+                    state.mark_as_unapplied(name)
+                    self._unapplied.append(name)
+        finally:
+            state._clock = clock
+        self._next_id = task_id
+
+    def resume(self) -> None:
+        """Carry on a restored run: attempts that were under way are made again
+        (same attempt numbers, so `current_attempt()` keys repeat), failed ones
+        awaiting a decision are retried, and the rest goes on as usual."""
+        state = self.state
+        for name, bs in state.branch_states.items():
+            task = bs.task
+            if type(task) not in _RUNNING_KINDS:
+                continue
+            task_id: int = task.task_id  # type: ignore[union-attr,assignment]
+            applying = _is_applying(task)
+            phase: Phase = "apply" if applying else "unapply"
+            if state.record_pending(name):
+                if applying and state.rolling_back:
+                    self._give_up(name, phase)
+                else:
+                    self._retry_when_free(task_id, name, phase, 0.0)
+                continue
+            self._in_flight += 1
+            deps = MappingProxyType(state.resolve_dependencies_of(name))
+            if applying:
+                self._event("apply_started", name, bs.apply_attempts)
+                self.outbox.append(StartApply(task_id, name, bs.apply_attempts, deps))
+            else:
+                value = task.value  # type: ignore[union-attr]
+                self._event("unapply_started", name, bs.unapply_attempts)
+                self.outbox.append(StartUnapply(task_id, name, bs.unapply_attempts, deps, value))
+        self._fill()
+        self._check_finished()
+
     # -- decisions --------------------------------------------------------------------
 
     def _attempts(self, name: str, phase: Phase) -> int:
@@ -442,12 +566,13 @@ class Driver:
         self._event("retry_scheduled", name, self._attempts(name, phase) + 1, value=delay)
         self._due.append(task_id)
 
-    def _give_up(self, name: str, phase: Phase) -> None:
+    def _give_up(self, name: str, phase: Phase, handler_error: BaseException | None = None) -> None:
         state = self.state
         if phase == "apply":
             first = not state.rolling_back
             state.mark_as_failed(name)
-            self._event("failed", name, state.branch_states[name].apply_attempts, value="apply")
+            attempts = state.branch_states[name].apply_attempts
+            self._event("failed", name, attempts, error=handler_error, value="apply")
             if first:
                 self.culprit = state.branch_states[name].errors[-1]
                 self._event("rollback_started", name, error=self.culprit.error, value="failure")
@@ -560,10 +685,12 @@ class Driver:
             return
         still += [n for n in self._late_left if n not in still]
         self.finished = True
+        results = self._results
         self.outcome = Outcome(
             kind,
             self.run_id,
-            dict(self._results),
+            # definition order, whatever order the applies finished in
+            {name: results[name] for name in state.branch_states if name in results},
             state.get_errors(),
             self.culprit,
             list(self._unapplied),
@@ -588,10 +715,30 @@ class Driver:
         if emit is None:
             return
         event = Event(self.run_id, kind, branch, self.state._clock(), attempt, error, value)
+        if self._journal is not None:
+            encoded = None
+            if kind == "applied":
+                encoded, self._pending_value = self._pending_value, None
+            self._journal.record(event, encoded)
+            if self._user_emit is None:
+                return
+            emit = self._user_emit
         try:
             emit(event)
         except Exception:
             log.exception("kira: the on_event callback raised on %s; the run goes on", kind)
+
+
+class JournalLike(Protocol):
+    """What the driver needs of a journal (see `kira.Journal`)."""
+
+    def encode(self, branch: str, value: Any) -> str | bytes: ...
+
+    def record(self, event: Event, encoded: str | bytes | None = None) -> None: ...
+
+
+def _ignore(event: Event) -> None:
+    return None
 
 
 def _is_applying(task: object) -> bool:

@@ -9,11 +9,13 @@ callback (`_launch`), how to try to cancel one (`_cancel`), a timer
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from contextvars import ContextVar
+from typing import Any, NamedTuple, Protocol
 
 from ._driver import (
     Compensate,
@@ -26,12 +28,58 @@ from ._driver import (
     StartUnapply,
 )
 from ._errors import BranchTimeout, Phase
+from ._journal import LEASE_SECONDS, Journal
 from ._state import HOLDING
 
 APPLY, UNAPPLY, CONSULT, COMPENSATE = "apply", "unapply", "consult", "compensate"
 
 DEFAULT_GRACE_PERIOD = 10.0
 """Seconds a run waits for a timed-out attempt that cannot be cancelled."""
+
+
+class AttemptInfo(NamedTuple):
+    """The attempt a callback is running for (see `current_attempt`)."""
+
+    run_id: str
+    branch: str
+    phase: Phase
+    attempt: int
+
+    @property
+    def key(self) -> str:
+        """A stable key for this attempt: the same when a resumed run makes an
+        interrupted attempt again, different for a retry. Use it to make effects
+        idempotent (an upsert keyed by it, a request id)."""
+        return f"{self.run_id}/{self.branch}/{self.phase}/{self.attempt}"
+
+
+_current: ContextVar[AttemptInfo | None] = ContextVar("kira_current_attempt", default=None)
+
+
+def current_attempt() -> AttemptInfo | None:
+    """The attempt the calling callback runs for, or None outside a callback.
+
+    Works in threads, in `async def` callbacks and in processes of a process pool.
+    In an error handler, it is the attempt that failed.
+    """
+    return _current.get()
+
+
+def call_with_attempt(info: AttemptInfo | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call `fn(*args)` with `current_attempt()` set (module level: it pickles)."""
+    token = _current.set(info)
+    try:
+        result = fn(*args)
+        if hasattr(type(result), "__await__"):
+            # a plain function that returned an awaitable: await it here
+            return asyncio.run(_await(result))
+        return result
+    finally:
+        _current.reset(token)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
 
 
 class TimerHandle(Protocol):
@@ -45,6 +93,7 @@ class Attempt:
         "cancel_requested",
         "done",
         "handle",
+        "info",
         "kind",
         "lingering",
         "name",
@@ -61,6 +110,7 @@ class Attempt:
         self.done = False
         self.lingering = False
         self.cancel_requested = False
+        self.info: AttemptInfo | None = None
         self.handle: Any = None
         self.timer: TimerHandle | None = None
 
@@ -96,6 +146,7 @@ class Engine:
         timeout: float | None,
         grace_period: float,
         portable_deps: bool = False,
+        journal: Journal | None = None,
     ) -> None:
         if not (isinstance(grace_period, int | float) and grace_period >= 0):
             raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
@@ -109,6 +160,8 @@ class Engine:
         self.outcome: Outcome | None = None
         self.last_activity = self._now()
         self._inactivity_timer: TimerHandle | None = None
+        self.journal = journal
+        self.run_id = driver.run_id
 
     # -- supplied by the runner ---------------------------------------------------
 
@@ -138,22 +191,43 @@ class Engine:
 
     # -- carrying out commands ---------------------------------------------------------
 
-    def begin(self) -> None:
-        self.driver.start()
+    def begin(self, *, resume: bool = False) -> None:
+        if resume:
+            self.driver.resume()
+        else:
+            self.driver.start()
         if self.timeout is not None:
             self._inactivity_timer = self._call_later(self.timeout, self._check_inactivity)
+        if self.journal is not None:
+            self._call_later(LEASE_SECONDS / 3, self._renew_lease)
         self.pump()
 
+    def _renew_lease(self) -> None:
+        if self.journal is not None and not self.driver.finished:
+            self.journal.renew()
+            self._call_later(LEASE_SECONDS / 3, self._renew_lease)
+
     def pump(self) -> None:
-        """Carry out every command in the driver's outbox."""
+        """Carry out every command in the driver's outbox.
+
+        With a journal, the events behind the commands are committed first, in one
+        transaction: nothing is acted on before it is durable.
+        """
         outbox = self.driver.outbox
+        if not outbox:
+            return
+        journal = self.journal
+        if journal is not None and journal.dirty:
+            journal.flush()
         branches = self.state.branch_states
         config = self.config
+        run_id = self.run_id
         while outbox:
             command = outbox.popleft()
             if type(command) is StartApply:
                 branch = branches[command.name].branch
                 attempt = Attempt(APPLY, command.task_id, command.name, "apply")
+                attempt.info = AttemptInfo(run_id, command.name, "apply", command.attempt)
                 self.attempts[command.task_id] = attempt
                 self._start(
                     attempt, branch.apply, (config, self._deps(command.deps)), branch.timeout
@@ -161,12 +235,14 @@ class Engine:
             elif type(command) is StartUnapply:
                 branch = branches[command.name].branch
                 attempt = Attempt(UNAPPLY, command.task_id, command.name, "unapply")
+                attempt.info = AttemptInfo(run_id, command.name, "unapply", command.attempt)
                 self.attempts[command.task_id] = attempt
                 args = (config, self._deps(command.deps), command.value)
                 self._start(attempt, branch.unapply, args, branch.timeout)  # type: ignore[arg-type]
             elif type(command) is Consult:
                 handler = branches[command.name].branch.error_handler(command.phase)
                 attempt = Attempt(CONSULT, command.task_id, command.name, command.phase)
+                attempt.info = AttemptInfo(run_id, command.name, command.phase, command.attempt)
                 self._launch_local(
                     attempt,
                     handler,  # type: ignore[arg-type]
@@ -177,6 +253,7 @@ class Engine:
             elif type(command) is Compensate:
                 branch = branches[command.name].branch
                 attempt = Attempt(COMPENSATE, command.task_id, command.name, "unapply")
+                attempt.info = AttemptInfo(run_id, command.name, "unapply", 0)
                 args = (config, self._deps(command.deps), command.value)
                 self._start(attempt, branch.unapply, args, branch.timeout)  # type: ignore[arg-type]
             elif type(command) is Finish:
@@ -199,7 +276,11 @@ class Engine:
     # -- reports from the runner -----------------------------------------------------
 
     def completed(self, attempt: Attempt, ok: bool, payload: Any) -> None:
-        """`attempt` returned `payload` (ok) or raised it."""
+        """`attempt` returned `payload` (ok) or raised it.
+
+        Reports to the driver only: the runner calls `pump` once it has reported
+        everything that arrived together, so the journal commits them as one.
+        """
         if attempt.done:
             return
         attempt.done = True
@@ -230,7 +311,6 @@ class Engine:
                     driver.unapplied(attempt.task_id)
                 else:
                     driver.failed(attempt.task_id, payload)
-        self.pump()
 
     def _retry_due(self, task_id: int) -> None:
         self.driver.retry_due(task_id)

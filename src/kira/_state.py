@@ -300,8 +300,8 @@ class BranchState:
         self._lingering = 0
         # lingering attempts no longer waited for; they hold dependencies for good
         self._abandoned = 0
-        # (phase, attempt) of the last attempt marked lingering, so it is marked once
-        self._lingered: tuple[str, int] | None = None
+        # the task value of the last attempt marked lingering, so it is marked once
+        self._lingered: TaskState | None = None
         # the current attempt failed and awaits a retry or a give-up
         self._attempt_failed = False
 
@@ -547,6 +547,10 @@ class RuntimeState:
                 f"dependencies without a result: {', '.join(missing)}",
             ) from None
 
+    def record_pending(self, name: str) -> bool:
+        """Whether `name`'s current attempt failed and awaits a retry or a give-up."""
+        return self._get(name, "record_pending")._attempt_failed
+
     def get_done(self) -> dict[str, Any]:
         """Results of the branches that are applied now, in definition order."""
         return {
@@ -761,14 +765,10 @@ class RuntimeState:
         bs = self._check(name, "mark_as_lingering")
         if not bs._attempt_failed:
             self._refuse(bs, "mark_as_lingering", "record the timeout as its failure first")
-        key = (
-            ("apply", bs.apply_attempts)
-            if type(bs.task) in _APPLYING
-            else ("unapply", bs.unapply_attempts)
-        )
-        if bs._lingered == key:
+        # each attempt has its own task value: it identifies the attempt
+        if bs._lingered is bs.task:
             self._refuse(bs, "mark_as_lingering", "this attempt is already lingering")
-        bs._lingered = key
+        bs._lingered = bs.task
         bs._lingering += 1
         self._lingering_total += 1
         # its task state holds already, so no neighbour changes

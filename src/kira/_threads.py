@@ -29,7 +29,15 @@ from typing import Any
 
 from ._branch import Branch
 from ._driver import Driver, Outcome
-from ._engine import DEFAULT_GRACE_PERIOD, Attempt, Engine, finite_or_none, is_async
+from ._engine import (
+    DEFAULT_GRACE_PERIOD,
+    Attempt,
+    Engine,
+    _current,
+    call_with_attempt,
+    finite_or_none,
+    is_async,
+)
 from ._events import EventHandler
 from ._state import RuntimeState
 
@@ -63,18 +71,6 @@ class _LoopThread:
         self.thread.join(timeout=5)
         if not self.thread.is_alive():
             self.loop.close()
-
-
-def _call_sync(fn: Callable[..., Any], *args: Any) -> Any:
-    result = fn(*args)
-    if hasattr(type(result), "__await__"):
-        # a plain function that returned an awaitable: await it here
-        return asyncio.run(_await(result))
-    return result
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
 
 
 class _Workers:
@@ -121,7 +117,7 @@ def _work(jobs: queue.SimpleQueue[Any], post: Callable[[Any], None]) -> None:
             post((attempt, False, asyncio.CancelledError()))
             continue
         try:
-            result = _call_sync(fn, *args)
+            result = call_with_attempt(attempt.info, fn, *args)
         except BaseException as exc:  # SystemExit too: it fails the attempt, not the pool
             post((attempt, False, exc))
         else:
@@ -161,7 +157,7 @@ class ThreadEngine(Engine):
             self._workers.submit(attempt, fn, args)
         else:
             try:
-                future = self._executor.submit(fn, *args)
+                future = self._executor.submit(call_with_attempt, attempt.info, fn, *args)
             except BaseException as exc:  # a broken or shut-down executor: a failed attempt
                 self._queue.put((attempt, False, exc))
                 return
@@ -184,12 +180,26 @@ class ThreadEngine(Engine):
             self._loop_thread = _LoopThread()
         try:
             coroutine = fn(*args)
-            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop_thread.loop)
+            asyncio.run_coroutine_threadsafe(
+                self._drive(attempt, coroutine), self._loop_thread.loop
+            )
         except BaseException as exc:
             self._queue.put((attempt, False, exc))
-            return
-        attempt.handle = future
-        future.add_done_callback(partial(self._post_future, attempt))
+
+    async def _drive(self, attempt: Attempt, coroutine: Any) -> None:
+        """Run one coroutine attempt in the loop thread and report its end itself,
+        once it has really ended (a cancelled coroutine may still clean up)."""
+        attempt.handle = asyncio.current_task()
+        _current.set(attempt.info)
+        try:
+            if attempt.cancel_requested:
+                coroutine.close()
+                raise asyncio.CancelledError
+            value = await coroutine
+        except BaseException as exc:  # SystemExit too: it must not stop the loop thread
+            self._queue.put((attempt, False, exc))
+        else:
+            self._queue.put((attempt, True, value))
 
     def _post_future(self, attempt: Attempt, future: Future[Any]) -> None:
         if future.cancelled():
@@ -202,10 +212,12 @@ class ThreadEngine(Engine):
             self._queue.put((attempt, False, exc))
 
     def _cancel(self, attempt: Attempt) -> None:
-        attempt.cancel_requested = True  # a job not yet started in our pool is skipped
+        attempt.cancel_requested = True  # a job not yet started is skipped
         handle = attempt.handle
-        if isinstance(handle, Future):
-            handle.cancel()  # a cancelled future still calls its done callback
+        if isinstance(handle, asyncio.Task) and self._loop_thread is not None:
+            self._loop_thread.loop.call_soon_threadsafe(handle.cancel)
+        elif isinstance(handle, Future):
+            handle.cancel()  # only if not started; a cancelled future still reports
 
     def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> _Timer:
         timer = _Timer(fn, args)
@@ -246,6 +258,7 @@ class ThreadEngine(Engine):
                     message = None
             if timers:
                 self._fire_due_timers()
+            self.pump()
         return self.outcome
 
     _started = False

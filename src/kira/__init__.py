@@ -8,6 +8,7 @@ and `RolledBack` is raised. `RuntimeState` is the pure state machine underneath.
 
 from ._asyncio import run_tasks_async
 from ._branch import Branch, Decision, RetryAfter, retry_policy
+from ._engine import AttemptInfo, current_attempt
 from ._errors import (
     BranchError,
     BranchTimeout,
@@ -22,6 +23,17 @@ from ._errors import (
     RuntimeStateError,
 )
 from ._events import Event
+from ._journal import (
+    Codec,
+    CodecError,
+    Journal,
+    JournalError,
+    JSONCodec,
+    RestoredError,
+    RunLocked,
+    RunSummary,
+)
+from ._resume import ResumeMismatchError, resume
 from ._state import (
     BranchState,
     DoneApplied,
@@ -42,10 +54,13 @@ from ._threads import run_tasks
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttemptInfo",
     "Branch",
     "BranchError",
     "BranchState",
     "BranchTimeout",
+    "Codec",
+    "CodecError",
     "CycleError",
     "Decision",
     "DoneApplied",
@@ -54,14 +69,21 @@ __all__ = [
     "Event",
     "Failed",
     "GraphError",
+    "JSONCodec",
+    "Journal",
+    "JournalError",
     "KiraError",
     "MissingDependencyError",
     "NotStarted",
     "Progress",
+    "RestoredError",
+    "ResumeMismatchError",
     "RetryAfter",
     "RollbackIncomplete",
     "RolledBack",
     "RunFailed",
+    "RunLocked",
+    "RunSummary",
     "RunningApply",
     "RunningApplyRetry",
     "RunningUnapply",
@@ -71,6 +93,8 @@ __all__ = [
     "TaskState",
     "UnapplyFailed",
     "__version__",
+    "current_attempt",
+    "resume",
     "retry_policy",
     "run_tasks",
     "run_tasks_async",

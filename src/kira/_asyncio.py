@@ -210,7 +210,9 @@ async def run_tasks_async(
     cancelled.
     """
     if journal is not None:
-        raise NotImplementedError("journal= is not supported yet")
+        raise NotImplementedError(
+            "journal= is supported by kira.run_tasks (threads) only, not yet by run_tasks_async"
+        )
     run_id = run_id if run_id is not None else uuid.uuid4().hex
     timeout = finite_or_none(timeout, "timeout")
     state = RuntimeState.create(config, branches, timeout)

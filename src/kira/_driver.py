@@ -387,7 +387,8 @@ class Driver:
         branch = self.state.branch_states[name].branch
         if ok and phase == "apply" and branch.unapply is not None:
             log.warning(
-                "kira: branch %r returned a value after its attempt timed out; unapplying it",
+                "kira: unapplying a value of branch %r that the run could not keep "
+                "(returned after its attempt timed out, or not recordable in the journal)",
                 name,
             )
             task = self._next_id = self._next_id + 1
@@ -525,6 +526,10 @@ class Driver:
         finally:
             state._clock = clock
         self._next_id = task_id
+
+    def conclude(self) -> None:
+        """Compute the outcome of a restored run that had finished."""
+        self._check_finished()
 
     def resume(self) -> None:
         """Carry on a restored run: attempts that were under way are made again

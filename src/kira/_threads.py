@@ -39,6 +39,7 @@ from ._engine import (
     is_async,
 )
 from ._events import EventHandler
+from ._journal import Journal, open_journal
 from ._state import RuntimeState
 
 log = logging.getLogger("kira")
@@ -135,9 +136,16 @@ class ThreadEngine(Engine):
         executor: Executor | None,
         timeout: float | None,
         grace_period: float,
+        journal: Journal | None = None,
     ) -> None:
         foreign = executor is not None and not isinstance(executor, ThreadPoolExecutor)
-        super().__init__(driver, timeout=timeout, grace_period=grace_period, portable_deps=foreign)
+        super().__init__(
+            driver,
+            timeout=timeout,
+            grace_period=grace_period,
+            portable_deps=foreign,
+            journal=journal,
+        )
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, _Timer]] = []
         self._seq = itertools.count()
@@ -235,10 +243,10 @@ class ThreadEngine(Engine):
 
     # -- the loop ---------------------------------------------------------------------
 
-    def run(self) -> Outcome:
-        if self.outcome is None and not self.driver.finished and not self._started:
+    def run(self, *, resume: bool = False) -> Outcome:
+        if not self._started:
             self._started = True
-            self.begin()
+            self.begin(resume=resume)
         get = self._queue.get
         get_nowait = self._queue.get_nowait
         timers = self._timers
@@ -307,7 +315,7 @@ def run_tasks(
     *,
     max_workers: int | None = None,
     executor: Executor | None = None,
-    journal: Any = None,
+    journal: Journal | str | os.PathLike[str] | None = None,
     run_id: str | None = None,
     on_event: EventHandler | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
@@ -323,37 +331,65 @@ def run_tasks(
         max_workers: the most attempts running at once (default: like
             `ThreadPoolExecutor`, min(32, CPUs + 4)).
         executor: run apply/unapply on this `concurrent.futures.Executor` (a process
-            pool, a Dask client's executor) instead of a thread pool of kira's own.
+            pool, a Dask client's executor) instead of threads of kira's own.
             Error handlers still run in this process. With a non-thread executor,
             callbacks, config, deps and values must pickle.
-        journal: not supported yet (raises NotImplementedError).
-        run_id: the run's id, carried by events and errors (default: random hex).
+        journal: a `kira.Journal` or the path of its SQLite file: every transition
+            is recorded there before it is acted on, so `kira.resume` can carry the
+            run on if this process dies.
+        run_id: the run's id, carried by events, errors and the journal (default:
+            random hex).
         on_event: called with every `Event` in transition order.
         grace_period: how long to wait for a timed-out attempt that cannot be
             stopped (a thread) before naming it in `RollbackIncomplete.abandoned`.
 
     Returns:
-        A dict of every branch's result.
+        A dict of every branch's result, in definition order.
 
     Raises:
         GraphError: the branches do not form a valid graph; nothing ran.
         RolledBack: a branch failed for good; every applied branch was unapplied.
         RollbackIncomplete: the same, but some effects remain (`.still_applied`).
+        JournalError: the journal cannot be used (nothing ran), or failed mid-run
+            (the run stops where the journal stopped; resume it later).
         KeyboardInterrupt: Ctrl-C; raised after the rollback (its `__cause__` is
             the rollback's outcome), or at once on a second Ctrl-C.
     """
-    if journal is not None:
-        raise NotImplementedError("journal= is not supported yet")
     run_id = run_id if run_id is not None else uuid.uuid4().hex
     timeout = finite_or_none(timeout, "timeout")
     state = RuntimeState.create(config, branches, timeout)
     workers = max_workers if max_workers is not None else default_workers()
-    driver = Driver(state, run_id=run_id, limit=workers, on_event=on_event)
-    engine = ThreadEngine(driver, executor=executor, timeout=timeout, grace_period=grace_period)
+    if journal is None:
+        driver = Driver(state, run_id=run_id, limit=workers, on_event=on_event)
+        return drive_threads(driver, executor, timeout, grace_period, None).result()
+    recorder, owned = open_journal(journal)
+    try:
+        recorder.begin_run(run_id, [bs.branch for bs in state.branch_states.values()])
+        driver = Driver(state, run_id=run_id, limit=workers, on_event=on_event, journal=recorder)
+        return drive_threads(driver, executor, timeout, grace_period, recorder).result()
+    finally:
+        recorder.release()
+        if owned:
+            recorder.close()
+
+
+def drive_threads(
+    driver: Driver,
+    executor: Executor | None,
+    timeout: float | None,
+    grace_period: float,
+    journal: Journal | None,
+    *,
+    resume: bool = False,
+) -> Outcome:
+    """Run `driver` to its outcome on threads (Ctrl-C rolls back, then re-raises)."""
+    engine = ThreadEngine(
+        driver, executor=executor, timeout=timeout, grace_period=grace_period, journal=journal
+    )
     previous = _install_sigint(engine)
     try:
         try:
-            outcome = engine.run()
+            outcome = engine.run(resume=resume)
         except KeyboardInterrupt:
             # Raised outside our handler (the run is not in the main thread, or
             # the handler was replaced): roll back all the same, once.
@@ -365,7 +401,7 @@ def run_tasks(
             raise KeyboardInterrupt("interrupted; rolled back") from outcome.error()
         if engine.interrupts:
             raise KeyboardInterrupt("interrupted; rolled back") from outcome.error()
-        return outcome.result()
+        return outcome
     finally:
         _restore_sigint(previous)
         engine.close()

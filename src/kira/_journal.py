@@ -1,0 +1,539 @@
+"""The journal: a run's transitions, recorded durably in SQLite, and replayed.
+
+Every event a run emits is appended to the `events` table; results are stored
+with a codec (JSON by default, never pickle). The runner commits the events
+before it acts on them (before calling a callback, before starting a dependent),
+one transaction for everything that happened at once (group commit). `resume`
+replays the events through the state machine's own transitions, so a restored
+state obeys every rule a live one does.
+
+All sqlite3 errors are translated here, at the boundary, into `JournalError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import time
+import traceback
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, final
+
+from ._branch import Branch
+from ._errors import KiraError
+from ._events import Event
+
+SCHEMA_VERSION = 1
+LEASE_SECONDS = 30.0
+
+
+class JournalError(KiraError):
+    """The journal cannot be used: damaged, locked, from a newer kira, or it does not
+    hold what was asked. Raised by `run_tasks(journal=...)`, `resume` and the
+    journal's methods; the message says what to do."""
+
+
+@final
+class RunLocked(JournalError):
+    """Run `.run_id` is owned by another live process (`.owner`) until its lease ends.
+
+    Wait for that process, or stop it: a dead owner's lease is taken over.
+    """
+
+    def __init__(self, run_id: str, owner: str, until: float) -> None:
+        left = max(0.0, until - time.time())
+        super().__init__(
+            f"run {run_id!r} is being run by another process ({owner}); "
+            f"its lease ends in {left:.0f} s unless renewed"
+        )
+        self.run_id = run_id
+        self.owner = owner
+
+
+@final
+class CodecError(JournalError, TypeError):
+    """A branch's result cannot be encoded by the journal's codec.
+
+    The run treats it as a failure of that branch: the value is kept in memory and
+    unapplied during the rollback. Return encodable values, or give the `Journal` a
+    codec that handles them.
+    """
+
+    def __init__(self, branch: str, value: Any, cause: BaseException) -> None:
+        super().__init__(
+            f"the result of branch {branch!r} (a {type(value).__name__}) cannot be "
+            f"recorded in the journal: {cause}"
+        )
+        self.branch = branch
+        self.type = type(value)
+
+
+@final
+class RestoredError(Exception):
+    """An error read back from the journal: the original's type name, message and
+    traceback text (exceptions are not pickled)."""
+
+    def __init__(self, type_name: str, message: str, traceback_text: str = "") -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback_text
+
+
+class Codec(Protocol):
+    """Encodes results for the journal: `dumps(value) -> str | bytes`, `loads(data)`."""
+
+    def dumps(self, value: Any) -> str | bytes: ...
+
+    def loads(self, data: str | bytes) -> Any: ...
+
+
+@final
+class JSONCodec:
+    """The default codec: JSON (tuples come back as lists)."""
+
+    def dumps(self, value: Any) -> str:
+        return json.dumps(value, allow_nan=False)
+
+    def loads(self, data: str | bytes) -> Any:
+        return json.loads(data)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """One run in a journal (see `Journal.runs`)."""
+
+    run_id: str
+    flow: str | None
+    started: datetime
+    state: str
+    applied: int
+    total: int
+
+
+@dataclass(slots=True)
+class _RunRecord:
+    run_id: str
+    flow: str | None
+    graph: list[tuple[str, tuple[str, ...]]]
+    state: str
+    events: list[Event]
+
+
+def _utc(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _encode_error(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, RestoredError):
+        return json.dumps(
+            {"type": error.type_name, "message": error.message, "traceback": error.traceback}
+        )
+    kind = type(error)
+    text = "".join(traceback.format_exception(error))[-8000:]
+    return json.dumps(
+        {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(error), "traceback": text}
+    )
+
+
+def _decode_error(text: str | None) -> BaseException | None:
+    if text is None:
+        return None
+    data = json.loads(text)
+    return RestoredError(data["type"], data["message"], data.get("traceback", ""))
+
+
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS kira_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    flow TEXT,
+    graph TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    applied INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    owner TEXT,
+    lease_until REAL
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    branch TEXT,
+    at TEXT NOT NULL,
+    attempt INTEGER,
+    error TEXT,
+    value,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+"""
+
+# events whose `value` is a small plain value worth keeping (a delay, a phase, a reason)
+_META_VALUED = frozenset({"retry_scheduled", "failed", "rollback_started", "run_finished"})
+
+# version -> SQL that migrates from the version before it
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+@final
+class Journal:
+    """A SQLite journal of runs, for `run_tasks(journal=...)` and `resume`.
+
+    Args:
+        path: the database file (created, with its folder, if missing).
+        codec: encodes results (default `JSONCodec`; see `Codec`).
+        durable: True (default) fsyncs each group commit (survives power loss);
+            False keeps WAL's NORMAL sync (survives a crash of the process, not of
+            the machine), for about a hundred times cheaper commits.
+        flow: a label stored with the runs started through this object (the CLI
+            stores the flow's path).
+        busy_timeout: seconds to wait for a lock held by another process.
+
+    Raises:
+        JournalError: the file is not a kira journal, is damaged or locked, or was
+            written by a newer kira.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        codec: Codec | None = None,
+        durable: bool = True,
+        flow: str | None = None,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        self.path = Path(path)
+        self.codec: Codec = codec if codec is not None else JSONCodec()
+        self.durable = durable
+        self.flow = flow
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pending: list[tuple[Any, ...]] = []
+        self._seq: dict[str, int] = {}
+        self._applied_delta = 0
+        self._run_id: str | None = None
+        crash = os.environ.get("KIRA_TEST_CRASH_AT")
+        self._crash_at = int(crash) if crash else 0  # test hook: SIGKILL after event n
+        self._recorded = 0
+        with self._errors("open"):
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._migrate()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                raise JournalError(
+                    f"journal {self.path} is locked by another process ({doing}): {text}; "
+                    "try again when it is done"
+                ) from exc
+            raise JournalError(f"journal {self.path}: cannot {doing}: {text}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(
+                f"journal {self.path} is not a kira journal or is damaged ({doing}): {exc}"
+            ) from exc
+
+    def _migrate(self) -> None:
+        db = self._db
+        has_meta = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='kira_meta'"
+        ).fetchone()
+        version = 0
+        if has_meta:
+            row = db.execute("SELECT value FROM kira_meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        else:
+            others = db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+            if others:
+                raise JournalError(
+                    f"{self.path} is an SQLite database but not a kira journal "
+                    f"(it has tables {', '.join(r[0] for r in others)})"
+                )
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} has schema version {version}, newer than this kira "
+                f"supports ({SCHEMA_VERSION}): upgrade kira to read it"
+            )
+        while version < SCHEMA_VERSION:
+            version += 1
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # statement by statement: executescript would commit what is pending
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute(
+                "INSERT OR REPLACE INTO kira_meta(key, value) VALUES ('schema_version', ?)",
+                (str(version),),
+            )
+            if db.in_transaction:
+                db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._errors(doing):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- runs --------------------------------------------------------------------------
+
+    def begin_run(self, run_id: str, branches: Sequence[Branch]) -> None:
+        """Record a new run and take ownership of it."""
+        graph = json.dumps([[b.name, list(b.dependencies)] for b in branches])
+        now = datetime.now(UTC).isoformat()
+        with self._transaction("start a run") as db:
+            if db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
+                raise JournalError(
+                    f"run {run_id!r} is already in journal {self.path}: use kira.resume "
+                    "to carry it on, or choose another run_id"
+                )
+            db.execute(
+                "INSERT INTO runs(run_id, flow, graph, total, state, applied, created_at, "
+                "updated_at, owner, lease_until) VALUES (?, ?, ?, ?, 'running', 0, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    self.flow,
+                    graph,
+                    len(branches),
+                    now,
+                    now,
+                    self.owner,
+                    time.time() + LEASE_SECONDS,
+                ),
+            )
+        self._run_id = run_id
+        self._seq[run_id] = 0
+
+    def acquire(self, run_id: str) -> _RunRecord:
+        """Take ownership of an unfinished run (for `resume`) and load it.
+
+        Raises:
+            RunLocked: another live process owns it.
+            JournalError: no such run.
+        """
+        with self._transaction("take over a run") as db:
+            row = db.execute(
+                "SELECT owner, lease_until, state FROM runs WHERE run_id=?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise JournalError(f"journal {self.path} holds no run {run_id!r}")
+            owner, until, state = row
+            if state == "running" and owner and not self._owner_is_gone(owner, until):
+                raise RunLocked(run_id, owner, until or 0.0)
+            if state == "running":
+                db.execute(
+                    "UPDATE runs SET owner=?, lease_until=? WHERE run_id=?",
+                    (self.owner, time.time() + LEASE_SECONDS, run_id),
+                )
+        record = self.load(run_id)
+        if record.state == "running":
+            self._run_id = run_id
+            self._seq[run_id] = max((e_seq for e_seq in self._event_seqs(run_id)), default=0)
+        return record
+
+    @staticmethod
+    def _owner_is_gone(owner: str, until: float | None) -> bool:
+        if until is None or until < time.time():
+            return True
+        host, _, rest = owner.partition(":")
+        pid_text = rest.partition(":")[0]
+        if host == socket.gethostname() and pid_text.isdigit():
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+    def _event_seqs(self, run_id: str) -> Iterable[int]:
+        row = self._db.execute("SELECT MAX(seq) FROM events WHERE run_id=?", (run_id,)).fetchone()
+        return [row[0]] if row and row[0] is not None else []
+
+    def renew(self) -> None:
+        """Extend this process's lease on its run."""
+        if self._run_id is None:
+            return
+        with self._transaction("renew the run's lease") as db:
+            db.execute(
+                "UPDATE runs SET lease_until=? WHERE run_id=? AND owner=?",
+                (time.time() + LEASE_SECONDS, self._run_id, self.owner),
+            )
+
+    def release(self) -> None:
+        """Give up ownership of the current run (it finished, or the process stops)."""
+        if self._run_id is None:
+            return
+        with contextlib.suppress(JournalError), self._transaction("release the run") as db:
+            db.execute(
+                "UPDATE runs SET owner=NULL, lease_until=NULL WHERE run_id=? AND owner=?",
+                (self._run_id, self.owner),
+            )
+        self._run_id = None
+
+    # -- events ------------------------------------------------------------------------
+
+    def encode(self, branch: str, value: Any) -> str | bytes:
+        """Encode a result with the codec, or raise `CodecError` naming the branch."""
+        try:
+            return self.codec.dumps(value)
+        except Exception as exc:
+            raise CodecError(branch, value, exc) from exc
+
+    def record(self, event: Event, encoded: str | bytes | None = None) -> None:
+        """Buffer `event` (with its encoded result, for `applied`); `flush` commits."""
+        run_id = event.run_id
+        seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
+        value: Any = encoded
+        if event.kind in _META_VALUED and event.value is not None:
+            value = json.dumps(event.value)
+        if event.kind == "applied":
+            self._applied_delta += 1
+        self._pending.append(
+            (
+                run_id,
+                seq,
+                event.kind,
+                event.branch,
+                event.at.isoformat(),
+                event.attempt,
+                _encode_error(event.error),
+                value,
+            )
+        )
+
+    @property
+    def dirty(self) -> bool:
+        """Whether events wait to be committed."""
+        return bool(self._pending)
+
+    def flush(self) -> None:
+        """Commit every buffered event in one transaction (a group commit)."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        crash_now = False
+        if self._crash_at and self._recorded < self._crash_at <= self._recorded + len(rows):
+            rows = rows[: self._crash_at - self._recorded]
+            crash_now = True
+        self._recorded += len(rows)
+        finished = [r for r in rows if r[2] == "run_finished"]
+        with self._transaction("record events") as db:
+            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            now = datetime.now(UTC).isoformat()
+            if self._run_id is not None:
+                db.execute(
+                    "UPDATE runs SET applied=applied+?, updated_at=?, lease_until=? WHERE run_id=?",
+                    (self._applied_delta, now, time.time() + LEASE_SECONDS, self._run_id),
+                )
+            for row in finished:
+                state = json.loads(row[7]) if row[7] is not None else "finished"
+                db.execute(
+                    "UPDATE runs SET state=?, owner=NULL, lease_until=NULL WHERE run_id=?",
+                    (state, row[0]),
+                )
+        self._applied_delta = 0
+        if crash_now:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def load(self, run_id: str) -> _RunRecord:
+        """Read a run's graph and events back."""
+        with self._errors("read a run"):
+            row = self._db.execute(
+                "SELECT flow, graph, state FROM runs WHERE run_id=?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise JournalError(f"journal {self.path} holds no run {run_id!r}")
+            flow, graph_text, state = row
+            rows = self._db.execute(
+                "SELECT kind, branch, at, attempt, error, value FROM events "
+                "WHERE run_id=? ORDER BY seq",
+                (run_id,),
+            ).fetchall()
+        events = []
+        for kind, branch, at, attempt, error, value in rows:
+            if kind == "applied":
+                decoded = self.codec.loads(value) if value is not None else None
+            elif value is not None and isinstance(value, str):
+                decoded = json.loads(value)
+            else:
+                decoded = value
+            events.append(
+                Event(run_id, kind, branch, _utc(at), attempt, _decode_error(error), decoded)
+            )
+        graph = [(name, tuple(deps)) for name, deps in json.loads(graph_text)]
+        return _RunRecord(run_id, flow, graph, state, events)
+
+    def runs(self) -> list[RunSummary]:
+        """Every run in the journal, oldest first."""
+        with self._errors("list runs"):
+            rows = self._db.execute(
+                "SELECT run_id, flow, created_at, state, applied, total FROM runs "
+                "ORDER BY created_at, run_id"
+            ).fetchall()
+        return [
+            RunSummary(run_id, flow, _utc(created), state, applied, total)
+            for run_id, flow, created, state, applied, total in rows
+        ]
+
+    def events(self, run_id: str) -> list[Event]:
+        """A run's recorded events, in order (results decoded)."""
+        return self.load(run_id).events
+
+
+def open_journal(journal: Journal | str | os.PathLike[str]) -> tuple[Journal, bool]:
+    """The `Journal` for a `journal=` argument, and whether we opened it (and close it)."""
+    if isinstance(journal, Journal):
+        return journal, False
+    if isinstance(journal, str | os.PathLike):
+        return Journal(journal), True
+    raise TypeError(f"journal must be a path or a kira.Journal, not {type(journal).__name__}")

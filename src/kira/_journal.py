@@ -98,10 +98,13 @@ class Codec(Protocol):
 
 @final
 class JSONCodec:
-    """The default codec: JSON (tuples come back as lists)."""
+    """The default codec: JSON (tuples come back as lists; NaN is refused)."""
+
+    def __init__(self) -> None:
+        self._encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
     def dumps(self, value: Any) -> str:
-        return json.dumps(value, allow_nan=False)
+        return self._encode(value)
 
     def loads(self, data: str | bytes) -> Any:
         return json.loads(data)
@@ -223,7 +226,6 @@ class Journal:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pending: list[tuple[Any, ...]] = []
         self._seq: dict[str, int] = {}
-        self._applied_delta = 0
         self._run_id: str | None = None
         crash = os.environ.get("KIRA_TEST_CRASH_AT")
         self._crash_at = int(crash) if crash else 0  # test hook: SIGKILL after event n
@@ -403,8 +405,13 @@ class Journal:
             return
         with self._transaction("renew the run's lease") as db:
             db.execute(
-                "UPDATE runs SET lease_until=? WHERE run_id=? AND owner=?",
-                (time.time() + LEASE_SECONDS, self._run_id, self.owner),
+                "UPDATE runs SET lease_until=?, updated_at=? WHERE run_id=? AND owner=?",
+                (
+                    time.time() + LEASE_SECONDS,
+                    datetime.now(UTC).isoformat(),
+                    self._run_id,
+                    self.owner,
+                ),
             )
 
     def release(self) -> None:
@@ -434,8 +441,6 @@ class Journal:
         value: Any = encoded
         if event.kind in _META_VALUED and event.value is not None:
             value = json.dumps(event.value)
-        if event.kind == "applied":
-            self._applied_delta += 1
         self._pending.append(
             (
                 run_id,
@@ -464,22 +469,18 @@ class Journal:
             rows = rows[: self._crash_at - self._recorded]
             crash_now = True
         self._recorded += len(rows)
-        finished = [r for r in rows if r[2] == "run_finished"]
+        # Only the events: one statement per commit keeps group commits cheap. The
+        # lease is renewed by a timer (`renew`), the applied count read from events.
         with self._transaction("record events") as db:
             db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            now = datetime.now(UTC).isoformat()
-            if self._run_id is not None:
+            last = rows[-1]
+            if last[2] == "run_finished":
+                state = json.loads(last[7]) if last[7] is not None else "finished"
                 db.execute(
-                    "UPDATE runs SET applied=applied+?, updated_at=?, lease_until=? WHERE run_id=?",
-                    (self._applied_delta, now, time.time() + LEASE_SECONDS, self._run_id),
+                    "UPDATE runs SET state=?, updated_at=?, owner=NULL, lease_until=NULL "
+                    "WHERE run_id=?",
+                    (state, datetime.now(UTC).isoformat(), last[0]),
                 )
-            for row in finished:
-                state = json.loads(row[7]) if row[7] is not None else "finished"
-                db.execute(
-                    "UPDATE runs SET state=?, owner=NULL, lease_until=NULL WHERE run_id=?",
-                    (state, row[0]),
-                )
-        self._applied_delta = 0
         if crash_now:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -517,8 +518,9 @@ class Journal:
         """Every run in the journal, oldest first."""
         with self._errors("list runs"):
             rows = self._db.execute(
-                "SELECT run_id, flow, created_at, state, applied, total FROM runs "
-                "ORDER BY created_at, run_id"
+                "SELECT r.run_id, r.flow, r.created_at, r.state, "
+                "(SELECT COUNT(*) FROM events e WHERE e.run_id = r.run_id AND e.kind = 'applied'), "
+                "r.total FROM runs r ORDER BY r.created_at, r.run_id"
             ).fetchall()
         return [
             RunSummary(run_id, flow, _utc(created), state, applied, total)

@@ -21,14 +21,14 @@ Invariants (tested by property tests in tests/core):
 Readiness is kept incrementally, as graphlib does: each branch counts its
 dependencies that have not applied (`_waiting`) and its dependents that hold it
 (`_holders`). A transition updates only the branch and its direct neighbours, and
-the two ready sets (insertion-ordered dicts, so order never depends on hashing)
+the two ready sets (heaps of definition positions, so order never depends on hashing)
 gain or lose only those. Every transition costs O(own edges).
 """
 
 from __future__ import annotations
 
+import heapq
 import reprlib
-from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -207,49 +207,52 @@ def _describe(task: TaskState) -> str:
 
 @final
 class _ReadyQueue:
-    """An insertion-ordered set with O(1) add, discard and peek-first.
+    """A set of branches with O(log n) add and take-first, first = definition order.
 
-    Membership lives in a dict; order in a FIFO of names that may hold stale
-    entries (discarded since), skipped lazily. Each add appends at most once, so
-    the total work stays O(number of adds). A plain dict would do, but finding its
-    first key after many deletions at the front scans the holes: quadratic.
+    Membership is a flag per branch position; order a heap of positions that may
+    hold stale entries (discarded since), skipped lazily. Each add pushes at most
+    once, so the total work stays O(adds * log n). Definition order makes starts
+    predictable, and it packs work well: earlier branches tend to have more
+    downstream work.
     """
 
-    __slots__ = ("_fifo", "_members")
+    __slots__ = ("_count", "_flags", "_heap", "_names")
 
-    def __init__(self) -> None:
-        self._members: dict[str, None] = {}
-        self._fifo: deque[str] = deque()
+    def __init__(self, names: list[str]) -> None:
+        self._names = names
+        self._flags = bytearray(len(names))
+        self._heap: list[int] = []
+        self._count = 0
 
-    def add(self, name: str) -> None:
-        if name not in self._members:
-            self._members[name] = None
-            self._fifo.append(name)
+    def add(self, position: int) -> None:
+        if not self._flags[position]:
+            self._flags[position] = 1
+            self._count += 1
+            heapq.heappush(self._heap, position)
 
-    def discard(self, name: str) -> None:
-        self._members.pop(name, None)
+    def discard(self, position: int) -> None:
+        if self._flags[position]:
+            self._flags[position] = 0
+            self._count -= 1
 
     def peek(self) -> str | None:
-        fifo, members = self._fifo, self._members
-        while fifo:
-            name = fifo[0]
-            if name in members:
-                return name
-            fifo.popleft()
+        heap, flags = self._heap, self._flags
+        while heap:
+            position = heap[0]
+            if flags[position]:
+                return self._names[position]
+            heapq.heappop(heap)
         return None
 
     def __bool__(self) -> bool:
-        return bool(self._members)
+        return self._count > 0
 
     def __len__(self) -> int:
-        return len(self._members)
+        return self._count
 
     def __iter__(self) -> Iterator[str]:
-        seen: set[str] = set()
-        for name in self._fifo:
-            if name in self._members and name not in seen:
-                seen.add(name)
-                yield name
+        flags, names = self._flags, self._names
+        return (names[p] for p in sorted(set(self._heap)) if flags[p])
 
 
 @final
@@ -274,6 +277,7 @@ class BranchState:
         "_dependents",
         "_deps",
         "_holders",
+        "_index",
         "_lingered",
         "_lingering",
         "_waiting",
@@ -284,8 +288,9 @@ class BranchState:
         "unapply_attempts",
     )
 
-    def __init__(self, branch: Branch) -> None:
+    def __init__(self, branch: Branch, index: int = 0) -> None:
         self.branch = branch
+        self._index = index  # position in definition order
         self.task: TaskState = _NOT_STARTED
         self.errors: tuple[BranchError, ...] = ()
         self.apply_attempts = 0
@@ -410,8 +415,9 @@ class RuntimeState:
         self._lingering_total = 0
         self._n_done_applied = 0  # branches in DoneApplied right now
         # NotStarted with every dependency applied; DoneApplied and held by nobody
-        self._apply_ready = _ReadyQueue()
-        self._unapply_ready = _ReadyQueue()
+        names = list(branch_states)
+        self._apply_ready = _ReadyQueue(names)
+        self._unapply_ready = _ReadyQueue(names)
         p = self.progress
         self._progress_sets: dict[type[TaskState], set[str]] = {
             RunningApply: p.applies_running,
@@ -419,9 +425,9 @@ class RuntimeState:
             RunningUnapply: p.unapplies_running,
             RunningUnapplyRetry: p.unapplies_retrying,
         }
-        for name, bs in branch_states.items():
+        for bs in branch_states.values():
             if bs._waiting == 0:
-                self._apply_ready.add(name)
+                self._apply_ready.add(bs._index)
 
     @classmethod
     def create(
@@ -451,7 +457,7 @@ class RuntimeState:
                 f"timeout must be a positive number of seconds or None, not {timeout!r}"
             )
         graph = validate(branches)
-        states = [BranchState(b) for b in graph.branches]
+        states = [BranchState(b, i) for i, b in enumerate(graph.branches)]
         at = states.__getitem__
         for bs, deps, dependents in zip(states, graph.dependencies, graph.dependents, strict=True):
             if deps:
@@ -496,15 +502,16 @@ class RuntimeState:
         return frozenset(self._unapply_ready)
 
     def next_apply_ready(self) -> str | None:
-        """The branch that became ready to apply first and is still ready, or None.
+        """The first branch, in definition order, that is ready to apply, or None.
 
-        O(1) amortized: drivers use it instead of building `find_apply_ready()`
-        after every event. Order is fixed (definition order, then readiness order).
+        O(log n) amortized: drivers use it instead of building `find_apply_ready()`
+        after every event.
         """
         return None if self._rolling_back else self._apply_ready.peek()
 
     def next_unapply_ready(self) -> str | None:
-        """Like `next_apply_ready`, for unapplying (None until rolling back)."""
+        """The first branch, in definition order, ready to unapply (None until
+        rolling back)."""
         return self._unapply_ready.peek() if self._rolling_back else None
 
     def get_branch(self, name: str) -> BranchState:
@@ -596,12 +603,12 @@ class RuntimeState:
         bs.task = RunningApply(task_id)
         self.running[task_id] = name
         self.progress.applies_running.add(name)
-        self._apply_ready.discard(name)
+        self._apply_ready.discard(bs._index)
         if not (bs._lingering or bs._abandoned):
             unready = self._unapply_ready
             for d in bs._deps:
                 if not d._holders:
-                    unready.discard(d.branch.name)
+                    unready.discard(d._index)
                 d._holders += 1
 
     def record_failure(self, name: str, error: BaseException) -> BranchError:
@@ -674,9 +681,9 @@ class RuntimeState:
         for d in bs._dependents:
             d._waiting -= 1
             if not d._waiting and type(d.task) is NotStarted:
-                ready.add(d.branch.name)
+                ready.add(d._index)
         if not bs._holders:
-            self._unapply_ready.add(name)
+            self._unapply_ready.add(bs._index)
 
     def mark_as_failed(self, name: str) -> None:
         """Give up on `name`'s apply (after `record_failure`); the run rolls back.
@@ -877,19 +884,19 @@ class RuntimeState:
             for d in bs._dependents:
                 d._waiting -= 1
                 if not d._waiting and type(d.task) is NotStarted:
-                    ready.add(d.branch.name)
+                    ready.add(d._index)
         elif applied < 0:
             self.progress.applied -= 1
             for d in bs._dependents:
                 d._waiting += 1
-                self._apply_ready.discard(d.branch.name)
+                self._apply_ready.discard(d._index)
         # lingering attempts hold whatever the task state, so then nothing changes
         if holds and not (bs._lingering or bs._abandoned):
             if holds > 0:
                 unready = self._unapply_ready
                 for d in bs._deps:
                     if not d._holders:
-                        unready.discard(d.branch.name)
+                        unready.discard(d._index)
                     d._holders += 1
             else:
                 self._release_dependencies(bs)
@@ -897,20 +904,20 @@ class RuntimeState:
         # this branch's own readiness
         if nt is NotStarted:
             if not bs._waiting:
-                self._apply_ready.add(name)
+                self._apply_ready.add(bs._index)
         elif ot is NotStarted:
-            self._apply_ready.discard(name)
+            self._apply_ready.discard(bs._index)
         if nt is DoneApplied:
             if not bs._holders:
-                self._unapply_ready.add(name)
+                self._unapply_ready.add(bs._index)
         elif ot is DoneApplied:
-            self._unapply_ready.discard(name)
+            self._unapply_ready.discard(bs._index)
 
     def _release_dependencies(self, bs: BranchState) -> None:
         for d in bs._deps:
             d._holders -= 1
             if not d._holders and type(d.task) is DoneApplied:
-                self._unapply_ready.add(d.branch.name)
+                self._unapply_ready.add(d._index)
 
     def __repr__(self) -> str:
         p = self.progress

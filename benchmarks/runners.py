@@ -214,6 +214,21 @@ def main() -> None:
             f"{f'{t_akira / t_ahand:.2f}x hand-written':>20}"
         )
 
+    # async def callbacks on the threaded runner: its own event loop thread, against
+    # what one asyncio.run per call would cost.
+    flat = {f"a{i}": [] for i in range(2_000)}
+    own_loop = async_branches(flat)
+    per_call = [
+        kira.Branch(b.name, lambda config, deps: asyncio.run(_async_sum_apply(config, deps)))
+        for b in own_loop
+    ]
+    t_loop = median_seconds(lambda: kira_threads(own_loop), 5)
+    t_run = median_seconds(lambda: kira_threads(per_call), 5)
+    print(
+        f"\nasync def callbacks on run_tasks, 2000 independent branches: own loop thread "
+        f"{t_loop:.3f} s, asyncio.run per call {t_run:.3f} s ({t_run / t_loop:.1f}x slower)"
+    )
+
     graph, cost = makespan_graph()
     bound = lower_bound(graph, cost)
     print(

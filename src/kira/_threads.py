@@ -21,6 +21,7 @@ import queue
 import signal
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from functools import partial
@@ -152,6 +153,8 @@ class ThreadEngine(Engine):
         self._workers = _Workers(self._queue.put)
         self._executor = executor
         self._loop_thread: _LoopThread | None = None
+        self._to_loop: deque[tuple[Attempt, Any]] = deque()
+        self._loop_wake_pending = False
         self._async_cache: dict[Any, bool] = {}
         self.interrupts = 0
 
@@ -188,11 +191,25 @@ class ThreadEngine(Engine):
             self._loop_thread = _LoopThread()
         try:
             coroutine = fn(*args)
-            asyncio.run_coroutine_threadsafe(
-                self._drive(attempt, coroutine), self._loop_thread.loop
-            )
         except BaseException as exc:
             self._queue.put((attempt, False, exc))
+            return
+        # Hand coroutines to the loop in batches: one wake-up of the loop thread for
+        # everything launched together, not one per attempt.
+        self._to_loop.append((attempt, coroutine))
+        if not self._loop_wake_pending:
+            self._loop_wake_pending = True
+            self._loop_thread.loop.call_soon_threadsafe(self._start_coroutines)
+
+    def _start_coroutines(self) -> None:
+        # in the loop thread; clear the flag first, so a coroutine queued while we
+        # drain schedules another drain rather than waiting for nobody
+        self._loop_wake_pending = False
+        loop = asyncio.get_running_loop()
+        pending = self._to_loop
+        while pending:
+            attempt, coroutine = pending.popleft()
+            loop.create_task(self._drive(attempt, coroutine))
 
     async def _drive(self, attempt: Attempt, coroutine: Any) -> None:
         """Run one coroutine attempt in the loop thread and report its end itself,

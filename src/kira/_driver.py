@@ -195,7 +195,9 @@ class Driver:
         "_limit",
         "_lingering",
         "_next_id",
+        "_decided",
         "_pending_value",
+        "_restored_lingering",
         "_results",
         "_timers",
         "_unapplied",
@@ -240,6 +242,9 @@ class Driver:
         self._next_id = 0
         self._results: dict[str, Any] = {}
         self._pending_value: str | bytes | None = None  # the encoded result being recorded
+        # while restoring: branches whose retry was decided; lingering attempts
+        self._decided: set[str] = set()
+        self._restored_lingering: list[str] = []
         self._unapplied: list[str] = []
         # failed attempts whose retry waits for a timer / for a free slot
         self._timers: dict[int, str] = {}
@@ -313,7 +318,13 @@ class Driver:
             self._lingering[task_id] = (name, phase, deps)
         else:
             self._in_flight -= 1
-        self._event(f"{phase}_failed", name, record.attempt, error=error)  # type: ignore[arg-type]
+        self._event(
+            f"{phase}_failed",  # type: ignore[arg-type]
+            name,
+            record.attempt,
+            error=error,
+            value="lingering" if lingering else None,
+        )
         branch = state.branch_states[name].branch
         if phase == "apply" and state.rolling_back:
             # Rollback lets running applies finish but retries none of them.
@@ -475,12 +486,16 @@ class Driver:
         clock = state._clock
         state._clock = lambda: recorded_at[0]
         task_id = 0
+        self._decided = set()
         try:
             for event in events:
                 recorded_at[0] = event.at
                 kind, name = event.kind, event.branch
                 if event.attempt is None and kind.startswith("unappl"):
-                    continue  # the compensation of a late value: no transition
+                    # the compensation of a value the run could not keep
+                    if name is not None and kind != "unapply_started":
+                        self._end_lingering(name, kind == "unapply_failed", event.error)
+                    continue
                 if kind == "rollback_started":
                     state.start_rollback()
                     continue
@@ -501,6 +516,12 @@ class Driver:
                     self._results[name] = event.value
                 elif kind in ("apply_failed", "unapply_failed"):
                     state.record_failure(name, event.error or RuntimeError("unrecorded error"))
+                    self._decided.discard(name)
+                    if event.value == "lingering":
+                        state.mark_as_lingering(name)
+                        self._restored_lingering.append(name)
+                elif kind == "retry_scheduled":
+                    self._decided.add(name)
                 elif kind == "failed":
                     if event.error is not None:
                         state.attach_handler_error(name, event.error)
@@ -523,9 +544,23 @@ class Driver:
                 elif kind == "unapplied":
                     state.mark_as_unapplied(name)
                     self._unapplied.append(name)
+            # The process that ran these attempts is gone, and its threads with it:
+            # whatever they did is unknown, so their dependencies must stay applied.
+            for name in list(self._restored_lingering):
+                self._end_lingering(name, True, None)
         finally:
             state._clock = clock
         self._next_id = task_id
+
+    def _end_lingering(self, name: str, abandoned: bool, error: BaseException | None) -> None:
+        if name not in self._restored_lingering:
+            return
+        self._restored_lingering.remove(name)
+        self.state.mark_lingering_finished(name, abandoned=abandoned, error=error)
+        if abandoned and error is None and name not in self._abandoned:
+            self._abandoned.append(name)
+        elif error is not None:
+            self._late_left.append(name)
 
     def conclude(self) -> None:
         """Compute the outcome of a restored run that had finished."""
@@ -544,10 +579,20 @@ class Driver:
             applying = _is_applying(task)
             phase: Phase = "apply" if applying else "unapply"
             if state.record_pending(name):
-                if applying and state.rolling_back:
+                handler = bs.branch.error_handler(phase)
+                if name in self._decided:  # the retry was decided before the crash
+                    if applying and state.rolling_back:
+                        self._give_up(name, phase)
+                    else:
+                        self._due.append(task_id)
+                elif (applying and state.rolling_back) or handler is None:
                     self._give_up(name, phase)
-                else:
-                    self._retry_when_free(task_id, name, phase, 0.0)
+                else:  # the crash came before the decision: ask again
+                    record = bs.errors[-1]
+                    deps = MappingProxyType(state.resolve_dependencies_of(name))
+                    self.outbox.append(
+                        Consult(task_id, name, phase, record.error, record.attempt, deps)
+                    )
                 continue
             self._in_flight += 1
             deps = MappingProxyType(state.resolve_dependencies_of(name))

@@ -41,11 +41,12 @@ class Event:
     - `apply_started` / `unapply_started`: `attempt` is the attempt's number.
     - `applied`: `value` is the result. `unapplied`: `value` is the undone result.
     - `apply_failed` / `unapply_failed`: an attempt failed with `error` (it may be
-      retried).
+      retried); `value` is "lingering" when the attempt timed out but could not
+      be stopped (its outcome comes later), or its value could not be kept.
     - `retry_scheduled`: `value` is the delay in seconds (0: at once); `attempt`
       the number of the attempt to come.
-    - `failed`: the run gave up on the branch's apply (or, with `error` set to
-      None after an `unapply_failed`, see `value == "unapply"`, its unapply).
+    - `failed`: the run gave up on the branch: `value` is the phase ("apply" or
+      "unapply"); `error` is what its error callback raised, if it raised.
     - `rollback_started`: `branch` and `error` name the culprit (None for an
       interruption or inactivity; `value` then says why).
     - `run_finished`: `branch` is None; `value` is "applied", "rolled_back" or

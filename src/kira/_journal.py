@@ -185,7 +185,16 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 # events whose `value` is a small plain value worth keeping (a delay, a phase, a reason)
-_META_VALUED = frozenset({"retry_scheduled", "failed", "rollback_started", "run_finished"})
+_META_VALUED = frozenset(
+    {
+        "apply_failed",
+        "unapply_failed",
+        "retry_scheduled",
+        "failed",
+        "rollback_started",
+        "run_finished",
+    }
+)
 
 # version -> SQL that migrates from the version before it
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
@@ -503,7 +512,13 @@ class Journal:
         events = []
         for kind, branch, at, attempt, error, value in rows:
             if kind == "applied":
-                decoded = self.codec.loads(value) if value is not None else None
+                try:
+                    decoded = self.codec.loads(value) if value is not None else None
+                except Exception as exc:
+                    raise JournalError(
+                        f"journal {self.path}: the result of branch {branch!r} in run "
+                        f"{run_id!r} cannot be decoded by {type(self.codec).__name__}: {exc}"
+                    ) from exc
             elif value is not None and isinstance(value, str):
                 decoded = json.loads(value)
             else:

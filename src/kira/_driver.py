@@ -187,6 +187,7 @@ class Driver:
     __slots__ = (
         "_abandoned",
         "_compensations",
+        "_decided",
         "_due",
         "_emit",
         "_in_flight",
@@ -195,7 +196,6 @@ class Driver:
         "_limit",
         "_lingering",
         "_next_id",
-        "_decided",
         "_pending_value",
         "_restored_lingering",
         "_results",

@@ -209,12 +209,11 @@ class ThreadEngine(Engine):
         pending = self._to_loop
         while pending:
             attempt, coroutine = pending.popleft()
-            loop.create_task(self._drive(attempt, coroutine))
+            attempt.handle = loop.create_task(self._drive(attempt, coroutine))
 
     async def _drive(self, attempt: Attempt, coroutine: Any) -> None:
         """Run one coroutine attempt in the loop thread and report its end itself,
         once it has really ended (a cancelled coroutine may still clean up)."""
-        attempt.handle = asyncio.current_task()
         _current.set(attempt.info)
         try:
             if attempt.cancel_requested:

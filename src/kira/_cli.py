@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -716,6 +717,7 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument(
         "--quiet", "-q", action="store_true", help="no live display or log lines, only the summary"
     )
+    _add_journal_option(p, optional_value=True)
     p.set_defaults(handler=_cmd_run)
 
 
@@ -728,6 +730,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_writable(args.events, "--events")
         events_file = open(args.events, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
 
+    journal = _open_journal(args.journal, flow.label, create=True) if args.journal else None
+    run_id = uuid.uuid4().hex[:12]
+    if journal is not None:
+        print(
+            f"kira: run {run_id}, recorded in {args.journal}; if this process dies: "
+            f"kira resume {run_id} {args.flow} --journal {args.journal}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def run(on_event: Callable[[kira.Event], object]) -> dict[str, Any]:
         return kira.run_tasks(
             flow.config,
@@ -735,6 +747,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             args.timeout,
             max_workers=args.max_workers,
             on_event=on_event,
+            journal=journal,
+            run_id=run_id,
         )
 
     try:
@@ -742,6 +756,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if events_file is not None:
             events_file.close()
+        if journal is not None:
+            journal.close()
 
 
 def drive(
@@ -749,10 +765,13 @@ def drive(
     flow: Flow,
     run: Callable[[Callable[[kira.Event], object]], dict[str, Any]],
     events_file: IO[str] | None = None,
+    history: Iterable[kira.Event] = (),
 ) -> int:
     """Run `run(on_event)` with the display, the events file, the timeline and the
-    summary; return the exit status. (A resume command reuses this.)"""
+    summary; return the exit status. `history`: events recorded before (a resume)."""
     runlog = RunLog(flow.branches)
+    for event in history:
+        runlog.record(event)
     console = _rich_console(args)
     view: _View
     if args.quiet:
@@ -784,6 +803,8 @@ def drive(
         status, outcome = EXIT_INCOMPLETE, exc
     except kira.GraphError as exc:
         raise FlowError(f"{flow.label}: invalid graph: {exc}") from exc
+    except kira.JournalError as exc:
+        raise FlowError(str(exc)) from exc
     except KeyboardInterrupt as exc:
         # kira has rolled back (first Ctrl-C) or given up waiting (second).
         status, interrupted = EXIT_INTERRUPTED, True
@@ -952,7 +973,182 @@ def _positive_float(text: str) -> float:
     return value
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_run, _add_graph]
+# -- the journal: kira runs, kira show, kira resume ----------------------------------------
+
+DEFAULT_JOURNAL = ".kira/journal.db"
+
+
+def _add_journal_option(p: argparse.ArgumentParser, *, optional_value: bool = False) -> None:
+    if optional_value:
+        p.add_argument(
+            "--journal",
+            nargs="?",
+            const=DEFAULT_JOURNAL,
+            metavar="FILE",
+            help=f"record the run in this SQLite journal (default {DEFAULT_JOURNAL}), "
+            "so that `kira resume` can carry it on if the process dies",
+        )
+    else:
+        p.add_argument(
+            "--journal",
+            default=DEFAULT_JOURNAL,
+            metavar="FILE",
+            help=f"the journal (default {DEFAULT_JOURNAL})",
+        )
+
+
+def _open_journal(path: str, flow: str | None = None, *, create: bool = False) -> kira.Journal:
+    if not create and not Path(path).exists():
+        raise FlowError(f"no journal at {path} (give its path with --journal FILE)")
+    try:
+        return kira.Journal(path, flow=flow)
+    except kira.JournalError as exc:
+        raise FlowError(str(exc)) from exc
+
+
+def _add_runs(subparsers: Any) -> None:
+    p = subparsers.add_parser("runs", help="list the runs recorded in a journal")
+    _add_journal_option(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(handler=_cmd_runs)
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    with _open_journal(args.journal) as journal:
+        try:
+            runs = journal.runs()
+        except kira.JournalError as exc:
+            raise FlowError(str(exc)) from exc
+    head = ("run", "flow", "started (UTC)", "state", "applied / total")
+    rows = [
+        (
+            r.run_id,
+            r.flow or "",
+            r.started.strftime("%Y-%m-%d %H:%M:%S"),
+            r.state,
+            f"{r.applied} / {r.total}",
+        )
+        for r in runs
+    ]
+    if not rows:
+        print(f"no runs in {args.journal}")
+        return 0
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    for row in (head, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _add_show(subparsers: Any) -> None:
+    p = subparsers.add_parser("show", help="show a recorded run: branch states, attempts, errors")
+    p.add_argument("run_id", metavar="RUN_ID")
+    _add_journal_option(p)
+    p.add_argument(
+        "--timeline", metavar="FILE.html", help="write the run's Gantt chart from its events"
+    )
+    p.add_argument("--events", metavar="FILE", help="write its events as JSON lines")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(handler=_cmd_show)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    with _open_journal(args.journal) as journal:
+        try:
+            summary = next((r for r in journal.runs() if r.run_id == args.run_id), None)
+            if summary is None:
+                raise FlowError(f"journal {args.journal} holds no run {args.run_id!r}")
+            graph = journal.graph(args.run_id)
+            events = journal.events(args.run_id)
+        except kira.JournalError as exc:
+            raise FlowError(str(exc)) from exc
+    branches = [kira.Branch(name, _recorded, deps) for name, deps in graph]
+    runlog = RunLog(branches)
+    for event in events:
+        runlog.record(event)
+    label = summary.flow or args.run_id
+    started = f"{summary.started:%Y-%m-%d %H:%M:%S}"
+    print(f"run {args.run_id} of {label}: {summary.state}, started {started} UTC")
+    if args.timeline:
+        _check_writable(args.timeline, "--timeline")
+        Path(args.timeline).write_text(render_timeline(runlog, label), encoding="utf-8")
+    if args.events:
+        _check_writable(args.events, "--events")
+        with open(args.events, "w", encoding="utf-8") as fh:
+            fh.writelines(event_json(e) + "\n" for e in events)
+    rows = _summary_rows(runlog, ())
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_HEAD)]
+    for row in (_HEAD, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    failures = [e for e in events if e.kind in ("apply_failed", "unapply_failed")]
+    if failures:
+        print("\nfailed attempts, oldest first:")
+        for e in failures:
+            print(
+                f"  {e.at:%H:%M:%S.%f} {e.branch} {e.kind.split('_')[0]} #{e.attempt}: "
+                f"{_describe_error(e.error)}"
+            )
+    return {"applied": 0, "rolled_back": 1, "rollback_incomplete": 2}.get(summary.state, 0)
+
+
+def _recorded(config: object, deps: object) -> None:
+    """Stands for a recorded branch's apply: `kira show` never runs anything."""
+
+
+def _add_resume(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "resume",
+        help="carry on a recorded run after its process died",
+        description=(
+            "Carry on RUN_ID with the branches FLOW defines (the same flow it was started "
+            "with): finished branches keep their recorded results, interrupted attempts "
+            "are made again, a rollback under way is finished. Exit status as for run."
+        ),
+    )
+    p.add_argument("run_id", metavar="RUN_ID")
+    _add_flow_argument(p)
+    _add_journal_option(p)
+    p.add_argument("--max-workers", type=_positive_int, metavar="N")
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--events", metavar="FILE", help="write every event as one JSON line")
+    p.add_argument("--timeline", metavar="FILE.html")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(handler=_cmd_resume)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    flow = load_flow(args.flow, parse_sets(args.set))
+    journal = _open_journal(args.journal, flow.label)
+    try:
+        history = journal.events(args.run_id)
+    except kira.JournalError as exc:
+        journal.close()
+        raise FlowError(str(exc)) from exc
+    events_file: IO[str] | None = None
+    if args.events:
+        _check_writable(args.events, "--events")
+        events_file = open(args.events, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+
+    def run(on_event: Callable[[kira.Event], object]) -> dict[str, Any]:
+        return kira.resume(
+            args.run_id,
+            flow.config,
+            flow.branches,
+            journal=journal,
+            timeout=args.timeout,
+            max_workers=args.max_workers,
+            on_event=on_event,
+        )
+
+    try:
+        return drive(args, flow, run, events_file, history)
+    finally:
+        if events_file is not None:
+            events_file.close()
+        journal.close()
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_run, _add_graph, _add_runs, _add_show, _add_resume]
 """Each registers one subcommand on the subparsers object (see the module docstring)."""
 
 

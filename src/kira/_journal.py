@@ -542,6 +542,10 @@ class Journal:
             for run_id, flow, created, state, applied, total in rows
         ]
 
+    def graph(self, run_id: str) -> list[tuple[str, tuple[str, ...]]]:
+        """A run's recorded branches: (name, dependencies), in definition order."""
+        return self.load(run_id).graph
+
     def events(self, run_id: str) -> list[Event]:
         """A run's recorded events, in order (results decoded)."""
         return self.load(run_id).events

@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: test lint typecheck unit bench clean
+CLI_STAMP := $(VENV)/.installed-cli
+DEMO_DB := demo-trip.db
+
+.PHONY: demo test lint typecheck unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +16,24 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,dask,cli]'
 	touch $(STAMP)
+
+$(CLI_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[cli]'
+	touch $(CLI_STAMP)
+
+# Book a trip on a fresh SQLite file, then book it again with the payment failing
+# for good: kira rolls everything back (exit status 1, which is the point here).
+demo: $(CLI_STAMP)
+	@rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
+	@echo "== 1. a trip booking that succeeds =="
+	$(BIN)/kira run examples/trip_booking.py --set db=$(DEMO_DB)
+	@echo
+	@echo "== 2. the same booking, the payment service refusing every attempt =="
+	@$(BIN)/kira run examples/trip_booking.py --set db=$(DEMO_DB) --set fail=payment; \
+	    status=$$?; echo; \
+	    if [ $$status -eq 1 ]; then \
+	        echo "kira rolled the booking back: every seat, room and car is free again in $(DEMO_DB)."; \
+	    else echo "unexpected exit status $$status"; exit 1; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
@@ -30,4 +51,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/state_machine.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache $(DEMO_DB)*

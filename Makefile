@@ -42,8 +42,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# `timeout`: pytest-timeout guards each test, not the interpreter's exit
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q
+	timeout --kill-after=30 1500 $(BIN)/python -m pytest -q
 
 test: lint typecheck unit
 

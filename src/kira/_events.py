@@ -40,6 +40,10 @@ class Event:
 
     - `apply_started` / `unapply_started`: `attempt` is the attempt's number.
     - `applied`: `value` is the result. `unapplied`: `value` is the undone result.
+      `unapply_started` / `unapplied` / `unapply_failed` with `attempt` None are
+      the undoing of a value the run could not keep (returned by an attempt
+      after it timed out, or refused by the journal's codec), not of the
+      branch's accepted result.
     - `apply_failed` / `unapply_failed`: an attempt failed with `error` (it may be
       retried); `value` is "lingering" when the attempt timed out but could not
       be stopped (its outcome comes later), or its value could not be kept.

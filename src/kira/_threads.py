@@ -358,6 +358,8 @@ def run_tasks(
         on_event: called with every `Event` in transition order.
         grace_period: how long to wait for a timed-out attempt that cannot be
             stopped (a thread) before naming it in `RollbackIncomplete.abandoned`.
+            Until then it keeps its place among the `max_workers`: with
+            `max_workers=1`, a stuck attempt holds up the run for that long.
 
     Returns:
         A dict of every branch's result, in definition order.

@@ -19,7 +19,6 @@ the `kira[dask]` extra, for the Dask column).
 from __future__ import annotations
 
 import asyncio
-import gc
 import queue
 import random
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import kira
-from state_machine import layered_graph
+from state_machine import layered_graph, median_seconds
 
 WORKERS = 8
 
@@ -117,16 +116,6 @@ def dask_threaded(graph: dict[str, list[str]]) -> dict[str, Any]:
     keys = list(graph)
     values = dask.threaded.get(dsk, keys, num_workers=WORKERS)
     return dict(zip(keys, values, strict=True))
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # -- makespan ---------------------------------------------------------------------

@@ -27,7 +27,6 @@ from ._engine import (
     _current,
     call_with_attempt,
     finite_or_none,
-    is_async,
 )
 from ._events import EventHandler
 from ._state import RuntimeState
@@ -56,7 +55,6 @@ class AsyncEngine(Engine):
         self._foreign = foreign
         self._done: asyncio.Future[Outcome] = loop.create_future()
         self._pump_scheduled = False
-        self._async_cache: dict[Any, bool] = {}
 
     def _pool(self) -> Executor:
         if self._executor is not None:
@@ -155,15 +153,6 @@ class AsyncEngine(Engine):
         super()._finished(outcome)
         if not self._done.done():
             self._done.set_result(outcome)
-
-    def _is_async(self, fn: Callable[..., Any]) -> bool:
-        try:
-            return self._async_cache[fn]
-        except KeyError:
-            result = self._async_cache[fn] = is_async(fn)
-            return result
-        except TypeError:
-            return is_async(fn)
 
     async def run(self) -> Outcome:
         self.begin()

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -641,6 +641,14 @@ def _verdict(
     return f"finished with status {status}", ""
 
 
+def _plain_table(out: TextIO, head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, for output that is not a terminal."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    for row in (head, *rows):
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+
+
 def _print_summary(
     out: TextIO,
     console: Any,
@@ -671,11 +679,8 @@ def _print_summary(
         console.print(table)
         console.print(verdict, style=style, markup=False)
         return
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_HEAD)]
     out.write("\n")
-    for row in (_HEAD, *rows):
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        out.write("\n")
+    _plain_table(out, _HEAD, rows)
     out.write(verdict + "\n")
     out.flush()
 
@@ -693,6 +698,13 @@ def _add_run(subparsers: Any) -> None:
         ),
     )
     _add_flow_argument(p)
+    _add_run_options(p)
+    _add_journal_option(p, optional_value=True)
+    p.set_defaults(handler=_cmd_run)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options `kira run` and `kira resume` share."""
     p.add_argument(
         "--max-workers", type=_positive_int, metavar="N", help="most attempts running at once"
     )
@@ -717,8 +729,6 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument(
         "--quiet", "-q", action="store_true", help="no live display or log lines, only the summary"
     )
-    _add_journal_option(p, optional_value=True)
-    p.set_defaults(handler=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -1033,9 +1043,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no runs in {args.journal}")
         return 0
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-    for row in (head, *rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _plain_table(sys.stdout, head, rows)
     return 0
 
 
@@ -1075,10 +1083,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         _check_writable(args.events, "--events")
         with open(args.events, "w", encoding="utf-8") as fh:
             fh.writelines(event_json(e) + "\n" for e in events)
-    rows = _summary_rows(runlog, ())
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_HEAD)]
-    for row in (_HEAD, *rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _plain_table(sys.stdout, _HEAD, _summary_rows(runlog, ()))
     failures = [e for e in events if e.kind in ("apply_failed", "unapply_failed")]
     if failures:
         print("\nfailed attempts, oldest first:")
@@ -1107,12 +1112,7 @@ def _add_resume(subparsers: Any) -> None:
     p.add_argument("run_id", metavar="RUN_ID")
     _add_flow_argument(p)
     _add_journal_option(p)
-    p.add_argument("--max-workers", type=_positive_int, metavar="N")
-    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--events", metavar="FILE", help="write every event as one JSON line")
-    p.add_argument("--timeline", metavar="FILE.html")
-    p.add_argument("--quiet", "-q", action="store_true")
+    _add_run_options(p)
     p.set_defaults(handler=_cmd_resume)
 
 

@@ -162,6 +162,7 @@ class Engine:
         self._inactivity_timer: TimerHandle | None = None
         self.journal = journal
         self.run_id = driver.run_id
+        self._async_cache: dict[Any, bool] = {}
 
     # -- supplied by the runner ---------------------------------------------------
 
@@ -181,6 +182,16 @@ class Engine:
 
     def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> TimerHandle:
         raise NotImplementedError
+
+    def _is_async(self, fn: Callable[..., Any]) -> bool:
+        """`is_async(fn)`, remembered per callback (it is asked once per attempt)."""
+        try:
+            return self._async_cache[fn]
+        except KeyError:
+            result = self._async_cache[fn] = is_async(fn)
+            return result
+        except TypeError:  # an unhashable callable
+            return is_async(fn)
 
     def _finished(self, outcome: Outcome) -> None:
         """The run is over (called once, after the last command)."""

@@ -37,7 +37,6 @@ from ._engine import (
     _current,
     call_with_attempt,
     finite_or_none,
-    is_async,
 )
 from ._events import EventHandler
 from ._journal import Journal, open_journal
@@ -155,7 +154,6 @@ class ThreadEngine(Engine):
         self._loop_thread: _LoopThread | None = None
         self._to_loop: deque[tuple[Attempt, Any]] = deque()
         self._loop_wake_pending = False
-        self._async_cache: dict[Any, bool] = {}
         self.interrupts = 0
 
     # -- Engine hooks -----------------------------------------------------------------
@@ -247,15 +245,6 @@ class ThreadEngine(Engine):
         timer = _Timer(fn, args)
         heapq.heappush(self._timers, (self._now() + delay, next(self._seq), timer))
         return timer
-
-    def _is_async(self, fn: Callable[..., Any]) -> bool:
-        try:
-            return self._async_cache[fn]
-        except KeyError:
-            result = self._async_cache[fn] = is_async(fn)
-            return result
-        except TypeError:  # unhashable callable
-            return is_async(fn)
 
     # -- the loop ---------------------------------------------------------------------
 

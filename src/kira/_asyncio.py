@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -30,7 +30,7 @@ from ._engine import (
 )
 from ._events import EventHandler
 from ._state import RuntimeState
-from ._threads import default_workers
+from ._threads import _Workers, default_workers
 
 
 class AsyncEngine(Engine):
@@ -49,21 +49,12 @@ class AsyncEngine(Engine):
         foreign = executor is not None and not isinstance(executor, ThreadPoolExecutor)
         self._loop = loop  # before the base class reads the clock
         super().__init__(driver, timeout=timeout, grace_period=grace_period, portable_deps=foreign)
-        self._own_pool: ThreadPoolExecutor | None = None
-        self._workers = workers
+        # kira's own daemon threads: an abandoned attempt cannot hold up the exit
+        self._workers = _Workers(self._post_from_worker)
         self._executor = executor
         self._foreign = foreign
         self._done: asyncio.Future[Outcome] = loop.create_future()
         self._pump_scheduled = False
-
-    def _pool(self) -> Executor:
-        if self._executor is not None:
-            return self._executor
-        if self._own_pool is None:
-            self._own_pool = ThreadPoolExecutor(
-                max_workers=self._workers + 16, thread_name_prefix="kira"
-            )
-        return self._own_pool
 
     def _launch(self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self._start_in(attempt, fn, args, local=False)
@@ -77,12 +68,24 @@ class AsyncEngine(Engine):
         self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...], *, local: bool
     ) -> None:
         loop = self._loop
+        executor = self._executor
         try:
             if self._is_async(fn):
                 attempt.handle = loop.create_task(self._run_coroutine(attempt, fn(*args)))
                 return
-            pool = self._pool() if not (self._foreign and local) else self._local_pool()
-            future = pool.submit(call_with_attempt, attempt.info, fn, *args)
+            if executor is None or (local and self._foreign) or self.run_here(attempt):
+                attempt.handle = self._workers
+                self._workers.submit(attempt, fn, args)
+                return
+            try:
+                future = executor.submit(call_with_attempt, attempt.info, fn, *args)
+            except (BrokenExecutor, RuntimeError) as exc:  # broken, or shut down
+                self.executor_failed(exc)
+                if not self.run_here(attempt):
+                    raise
+                attempt.handle = self._workers
+                self._workers.submit(attempt, fn, args)
+                return
         except BaseException as exc:  # a broken executor, a callback that cannot start
             loop.call_soon(self._complete, attempt, False, exc)
             return
@@ -90,6 +93,17 @@ class AsyncEngine(Engine):
         # that its result, however late, is reported (and compensated if need be).
         attempt.handle = future
         future.add_done_callback(partial(self._thread_done, attempt))
+
+    def _from_worker(self, message: tuple[Attempt, bool, Any]) -> None:
+        # in the loop thread, for a job of kira's own workers
+        attempt, ok, payload = message
+        self._workers.outstanding -= 1
+        self._complete(attempt, ok, payload)
+
+    def _post_from_worker(self, message: tuple[Attempt, bool, Any]) -> None:
+        # in a worker thread
+        with contextlib.suppress(RuntimeError):  # a closed loop: the run is long over
+            self._loop.call_soon_threadsafe(self._from_worker, message)
 
     async def _run_coroutine(self, attempt: Attempt, coroutine: Any) -> None:
         _current.set(attempt.info)  # this task's own context
@@ -132,15 +146,10 @@ class AsyncEngine(Engine):
             if not self._done.done():
                 self._done.set_exception(exc)
 
-    def _local_pool(self) -> Executor:
-        if self._own_pool is None:
-            self._own_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kira-local")
-        return self._own_pool
-
     def _cancel(self, attempt: Attempt) -> None:
-        attempt.cancel_requested = True
+        attempt.cancel_requested = True  # a job of our own workers not yet started is skipped
         handle = attempt.handle
-        if handle is not None:
+        if isinstance(handle, asyncio.Task | Future):
             handle.cancel()  # a task stops; a thread job is dropped only if not started
 
     def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> asyncio.TimerHandle:
@@ -173,8 +182,7 @@ class AsyncEngine(Engine):
             raise cancelled from error
 
     def close(self) -> None:
-        if self._own_pool is not None:
-            self._own_pool.shutdown(wait=False, cancel_futures=True)
+        self._workers.close()
 
 
 async def run_tasks_async(

@@ -737,8 +737,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_writable(args.timeline, "--timeline")
     events_file: IO[str] | None = None
     if args.events:
-        _check_writable(args.events, "--events")
-        events_file = open(args.events, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+        events_file = _open_output(args.events, "--events")
 
     journal = _open_journal(args.journal, flow.label, create=True) if args.journal else None
     run_id = uuid.uuid4().hex[:12]
@@ -834,9 +833,23 @@ def drive(
 
 
 def _check_writable(path: str, option: str) -> None:
-    folder = Path(path).resolve().parent
+    """Refuse, before anything runs, a path the run's output could not be written to."""
+    target = Path(path)
+    folder = target.resolve().parent
     if not folder.is_dir():
         raise FlowError(f"{option} {path}: the folder {folder} does not exist")
+    if target.is_dir():
+        raise FlowError(f"{option} {path}: is a folder, not a file")
+    if not os.access(target if target.exists() else folder, os.W_OK):
+        raise FlowError(f"{option} {path}: not writable")
+
+
+def _open_output(path: str, option: str) -> IO[str]:
+    _check_writable(path, option)
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise FlowError(f"{option} {path}: {exc.strerror or exc}") from exc
 
 
 # -- kira graph -------------------------------------------------------------------------
@@ -1011,7 +1024,7 @@ def _open_journal(path: str, flow: str | None = None, *, create: bool = False) -
     if not create and not Path(path).exists():
         raise FlowError(f"no journal at {path} (give its path with --journal FILE)")
     try:
-        return kira.Journal(path, flow=flow)
+        return kira.Journal(path, flow=flow, readonly=not create and flow is None)
     except kira.JournalError as exc:
         raise FlowError(str(exc)) from exc
 
@@ -1126,8 +1139,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         raise FlowError(str(exc)) from exc
     events_file: IO[str] | None = None
     if args.events:
-        _check_writable(args.events, "--events")
-        events_file = open(args.events, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+        events_file = _open_output(args.events, "--events")
 
     def run(on_event: Callable[[kira.Event], object]) -> dict[str, Any]:
         return kira.resume(

@@ -395,8 +395,20 @@ class Driver:
         (`ok`) or raised it. A value an apply returned is compensated at once: its
         dependencies are still applied, held by the attempt."""
         name, phase, deps = self._lingering.pop(task_id)
-        branch = self.state.branch_states[name].branch
-        if ok and phase == "apply" and branch.unapply is not None:
+        state = self.state
+        branch = state.branch_states[name].branch
+        if ok and phase == "apply":
+            # every value an apply returned is in RunFailed.results; a retry's
+            # accepted value, if any, keeps its place
+            self._results.setdefault(name, payload)
+        if ok and phase == "unapply" and type(state.branch_states[name].task) is UnapplyFailed:
+            # the unapply it gave up on did its work after all
+            self._in_flight -= 1
+            state.mark_lingering_finished(name)
+            state.mark_as_unapplied(name)
+            self._unapplied.append(name)
+            self._event("unapplied", name, state.branch_states[name].unapply_attempts)
+        elif ok and phase == "apply" and branch.unapply is not None:
             log.warning(
                 "kira: unapplying a value of branch %r that the run could not keep "
                 "(returned after its attempt timed out, or not recordable in the journal)",
@@ -408,7 +420,7 @@ class Driver:
             self.outbox.append(Compensate(task, name, deps, payload))
         else:
             self._in_flight -= 1
-            self.state.mark_lingering_finished(name)
+            state.mark_lingering_finished(name)
         self._fill()
         self._check_finished()
 
@@ -775,7 +787,7 @@ class Driver:
             emit = self._user_emit
         try:
             emit(event)
-        except Exception:
+        except BaseException:  # SystemExit too: the rollback must not be skipped
             log.exception("kira: the on_event callback raised on %s; the run goes on", kind)
 
 

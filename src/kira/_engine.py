@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import BrokenExecutor
 from contextvars import ContextVar
 from typing import Any, NamedTuple, Protocol
 
@@ -30,6 +32,8 @@ from ._driver import (
 from ._errors import BranchTimeout, Phase
 from ._journal import LEASE_SECONDS, Journal
 from ._state import HOLDING
+
+log = logging.getLogger("kira")
 
 APPLY, UNAPPLY, CONSULT, COMPENSATE = "apply", "unapply", "consult", "compensate"
 
@@ -163,6 +167,10 @@ class Engine:
         self.journal = journal
         self.run_id = driver.run_id
         self._async_cache: dict[Any, bool] = {}
+        self.consults: dict[int, Attempt] = {}  # error handlers deciding
+        # The caller's executor broke (a dead worker process): unapplies then run
+        # in this process, because a rollback must not depend on a broken pool.
+        self.executor_broken = False
 
     # -- supplied by the runner ---------------------------------------------------
 
@@ -254,6 +262,7 @@ class Engine:
                 handler = branches[command.name].branch.error_handler(command.phase)
                 attempt = Attempt(CONSULT, command.task_id, command.name, command.phase)
                 attempt.info = AttemptInfo(run_id, command.name, command.phase, command.attempt)
+                self.consults[command.task_id] = attempt
                 self._launch_local(
                     attempt,
                     handler,  # type: ignore[arg-type]
@@ -299,7 +308,10 @@ class Engine:
             attempt.timer.cancel()
         driver = self.driver
         kind = attempt.kind
+        if not ok and isinstance(payload, BrokenExecutor):
+            self.executor_failed(payload)
         if kind is CONSULT:
+            del self.consults[attempt.task_id]
             if ok:
                 driver.decided(attempt.task_id, payload)
             else:
@@ -322,6 +334,18 @@ class Engine:
                     driver.unapplied(attempt.task_id)
                 else:
                     driver.failed(attempt.task_id, payload)
+
+    def executor_failed(self, error: BaseException) -> None:
+        """The caller's executor is broken: from now on unapplies run here."""
+        if not self.executor_broken:
+            self.executor_broken = True
+            log.warning(
+                "kira: the executor is broken (%r); unapplies will run in this process", error
+            )
+
+    def run_here(self, attempt: Attempt) -> bool:
+        """Whether `attempt` must run in this process instead of the caller's executor."""
+        return self.executor_broken and attempt.phase == "unapply"
 
     def _retry_due(self, task_id: int) -> None:
         self.driver.retry_due(task_id)
@@ -358,8 +382,9 @@ class Engine:
             return
         idle = self._now() - self.last_activity
         live = [a for a in self.attempts.values() if not a.lingering and not a.done]
-        if not live or idle < self.timeout:
-            wait = self.timeout - idle if live else self.timeout
+        deciding = [a for a in self.consults.values() if not a.done]
+        if not (live or deciding) or idle < self.timeout:
+            wait = self.timeout - idle if (live or deciding) else self.timeout
             self._inactivity_timer = self._call_later(max(wait, 0.001), self._check_inactivity)
             return
         errors: list[BaseException] = []
@@ -370,7 +395,16 @@ class Engine:
             errors.append(BranchTimeout(attempt.name, attempt.phase, self.timeout, inactivity=True))
             self._cancel(attempt)
             self._call_later(self.grace_period, self._grace_over, attempt)
-        self.driver.inactivity([a.task_id for a in live], errors, lingering=True)
+        if live:
+            self.driver.inactivity([a.task_id for a in live], errors, lingering=True)
+        for attempt in deciding:
+            # an error handler that does not return: give up on its branch (its
+            # thread goes on, its decision will be ignored)
+            attempt.done = True
+            del self.consults[attempt.task_id]
+            self._cancel(attempt)
+            timeout = BranchTimeout(attempt.name, attempt.phase, self.timeout, inactivity=True)
+            self.driver.decided(attempt.task_id, None, timeout)
         self._inactivity_timer = self._call_later(self.timeout, self._check_inactivity)
         self.pump()
 

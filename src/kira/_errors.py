@@ -58,10 +58,11 @@ class CycleError(GraphError):
 
     def __init__(self, cycle: Sequence[str]) -> None:
         self.cycle: tuple[str, ...] = tuple(cycle)
+        shown = self.cycle
+        if len(shown) > 20:  # the message stays readable; `.cycle` has it all
+            shown = (*shown[:10], f"... {len(shown) - 20} more ...", *shown[-10:])
         super().__init__(
-            "the dependencies form a cycle: "
-            + " -> ".join(self.cycle)
-            + " (each depends on the next)"
+            "the dependencies form a cycle: " + " -> ".join(shown) + " (each depends on the next)"
         )
 
 

@@ -96,15 +96,30 @@ class Codec(Protocol):
     def loads(self, data: str | bytes) -> Any: ...
 
 
+_EXACT = frozenset({str, int, float, bool, type(None)})  # JSON gives these back as they were
+
+
 @final
 class JSONCodec:
-    """The default codec: JSON (tuples come back as lists; NaN is refused)."""
+    """The default codec: JSON.
+
+    It refuses (raises) what JSON would not give back equal, rather than change a
+    result behind the caller's back: a tuple (it would come back a list), a dict
+    with keys that are not strings, NaN, sets, objects. Return JSON-shaped values,
+    or give the `Journal` a codec of your own.
+    """
 
     def __init__(self) -> None:
         self._encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
     def dumps(self, value: Any) -> str:
-        return self._encode(value)
+        text = self._encode(value)
+        if type(value) not in _EXACT and json.loads(text) != value:
+            raise ValueError(
+                f"a {type(value).__name__} would not come back equal from JSON "
+                "(tuples become lists, keys become strings)"
+            )
+        return text
 
     def loads(self, data: str | bytes) -> Any:
         return json.loads(data)
@@ -213,6 +228,8 @@ class Journal:
         flow: a label stored with the runs started through this object (the CLI
             stores the flow's path).
         busy_timeout: seconds to wait for a lock held by another process.
+        readonly: only read (`runs`, `events`, `graph`); works on a file this
+            process may not write.
 
     Raises:
         JournalError: the file is not a kira journal, is damaged or locked, or was
@@ -227,6 +244,7 @@ class Journal:
         durable: bool = True,
         flow: str | None = None,
         busy_timeout: float = 5.0,
+        readonly: bool = False,
     ) -> None:
         self.path = Path(path)
         self.codec: Codec = codec if codec is not None else JSONCodec()
@@ -242,6 +260,16 @@ class Journal:
         with self._errors("open"):
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+            if readonly:
+                self._db = sqlite3.connect(
+                    f"{self.path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    timeout=busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._check_version()
+                return
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -267,6 +295,22 @@ class Journal:
             raise JournalError(
                 f"journal {self.path} is not a kira journal or is damaged ({doing}): {exc}"
             ) from exc
+
+    def _check_version(self) -> None:
+        """For a read-only journal: refuse what is not a journal, or a newer one."""
+        row = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='kira_meta'"
+        ).fetchone()
+        if row is None:
+            raise JournalError(f"{self.path} is not a kira journal")
+        (version,) = self._db.execute(
+            "SELECT value FROM kira_meta WHERE key='schema_version'"
+        ).fetchone() or ("0",)
+        if int(version) > SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} has schema version {version}, newer than this kira "
+                f"supports ({SCHEMA_VERSION}): upgrade kira to read it"
+            )
 
     def _migrate(self) -> None:
         db = self._db

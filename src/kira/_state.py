@@ -162,7 +162,8 @@ _ALLOWED: dict[str, frozenset[type]] = {
     "unblock_dependent_unapplies": frozenset({NotStarted, Failed, DoneUnapplied}),
     "mark_as_unapplying": frozenset({DoneApplied}),
     "record_unapply_retry": _UNAPPLYING,
-    "mark_as_unapplied": _UNAPPLYING,
+    # from UnapplyFailed: an unapply given up on (timed out) returned after all
+    "mark_as_unapplied": _UNAPPLYING | {UnapplyFailed},
     "mark_as_unapply_failed": _UNAPPLYING,
     "mark_as_lingering": _RUNNING,
     "mark_lingering_finished": frozenset(TASK_STATES),
@@ -750,6 +751,8 @@ class RuntimeState:
         bs = self._check(name, "mark_as_unapplied")
         if bs._attempt_failed:
             self._refuse(bs, "mark_as_unapplied", "its current attempt failed")
+        if bs._lingering and type(bs.task) is UnapplyFailed:
+            self._refuse(bs, "mark_as_unapplied", "its timed-out attempt has not returned")
         self._move(bs, _DONE_UNAPPLIED)
 
     def mark_as_unapply_failed(self, name: str) -> None:

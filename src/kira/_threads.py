@@ -23,7 +23,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -161,13 +161,21 @@ class ThreadEngine(Engine):
     def _launch(self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         if self._is_async(fn):
             self._launch_coroutine(attempt, fn, args)
-        elif self._executor is None:
+        elif self._executor is None or self.run_here(attempt):
             attempt.handle = self._workers
             self._workers.submit(attempt, fn, args)
         else:
             try:
                 future = self._executor.submit(call_with_attempt, attempt.info, fn, *args)
-            except BaseException as exc:  # a broken or shut-down executor: a failed attempt
+            except (BrokenExecutor, RuntimeError) as exc:  # broken, or shut down
+                self.executor_failed(exc)
+                if self.run_here(attempt):
+                    attempt.handle = self._workers
+                    self._workers.submit(attempt, fn, args)
+                else:
+                    self._queue.put((attempt, False, exc))
+                return
+            except BaseException as exc:  # cannot be sent (pickling): a failed attempt
                 self._queue.put((attempt, False, exc))
                 return
             attempt.handle = future
@@ -258,7 +266,9 @@ class ThreadEngine(Engine):
         while self.outcome is None:
             timeout = None
             if timers:
-                timeout = max(0.0, timers[0][0] - self._now())
+                # capped: a wait past threading.TIMEOUT_MAX raises OverflowError; a
+                # timer that far away is simply looked at again
+                timeout = min(max(0.0, timers[0][0] - self._now()), 3600.0)
             try:
                 message = get(timeout=timeout)
             except queue.Empty:

@@ -1341,7 +1341,7 @@ EXPECTED_ALLOWED = {
     "unblock_dependent_unapplies": {NotStarted, Failed, DoneUnapplied},
     "mark_as_unapplying": {DoneApplied},
     "record_unapply_retry": {RunningUnapply, RunningUnapplyRetry},
-    "mark_as_unapplied": {RunningUnapply, RunningUnapplyRetry},
+    "mark_as_unapplied": {RunningUnapply, RunningUnapplyRetry, UnapplyFailed},
     "mark_as_unapply_failed": {RunningUnapply, RunningUnapplyRetry},
     "mark_as_lingering": {RunningApply, RunningApplyRetry, RunningUnapply, RunningUnapplyRetry},
     "mark_lingering_finished": set(TASK_STATES),
@@ -1520,3 +1520,22 @@ def test_every_task_state_keeps_the_neighbours_consistent(task_state):
     assert (x.task.task_id in state.running) if running else ("x" not in state.running.values())
     expected_ready = state.rolling_back and not holds and task_state is not NotStarted
     assert ("dep" in state.find_unapply_ready()) == expected_ready
+
+
+def test_an_unapply_given_up_on_may_be_found_done_once_its_lingering_attempt_returned():
+    state = make("a", ("b", "a"))
+    apply(state, "a")
+    apply(state, "b")
+    state.start_rollback()
+    state.mark_as_unapplying("b", 10)
+    state.record_failure("b", kira.BranchTimeout("b", "unapply", 1.0))
+    state.mark_as_lingering("b")
+    state.mark_as_unapply_failed("b")
+    assert state.find_unapply_ready() == frozenset()  # b holds a
+    refused(state, state.mark_as_unapplied, "b")  # its attempt is still out
+    state.mark_lingering_finished("b")
+    assert state.find_unapply_ready() == frozenset()  # UnapplyFailed still holds a
+    state.mark_as_unapplied("b")  # the late attempt did undo b
+    assert state.get_branch("b").task == DoneUnapplied()
+    assert state.progress.unapplied == 1
+    assert state.find_unapply_ready() == frozenset({"a"})

@@ -48,7 +48,8 @@ ALLOWED = {
     "unblock_dependent_unapplies": {NotStarted, Failed, DoneUnapplied},
     "mark_as_unapplying": {DoneApplied},
     "record_unapply_retry": UNAPPLYING,
-    "mark_as_unapplied": UNAPPLYING,
+    # from UnapplyFailed: a timed-out unapply given up on returned after all
+    "mark_as_unapplied": UNAPPLYING | {UnapplyFailed},
     "mark_as_unapply_failed": UNAPPLYING,
     "mark_as_lingering": RUNNING,
     "mark_lingering_finished": None,  # any task state
@@ -175,8 +176,10 @@ class RuntimeStateMachine(RuleBasedStateMachine):
             case "mark_as_applying":
                 deps_ok = all(self.task(d) in SUCCEEDED for d in self.deps[name])
                 return deps_ok and not self.rolling_back and id_ok
-            case "record_failure" | "mark_as_applied" | "mark_as_unapplied":
+            case "record_failure" | "mark_as_applied":
                 return not failed
+            case "mark_as_unapplied":
+                return not failed and not (t is UnapplyFailed and self.lingering[name])
             case "record_apply_retry":
                 return failed and not self.rolling_back and id_ok
             case "mark_as_failed" | "mark_as_unapply_failed":

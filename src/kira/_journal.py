@@ -91,9 +91,13 @@ class RestoredError(Exception):
 class Codec(Protocol):
     """Encodes results for the journal: `dumps(value) -> str | bytes`, `loads(data)`."""
 
-    def dumps(self, value: Any) -> str | bytes: ...
+    def dumps(self, value: Any) -> str | bytes:
+        """Encode `value`; raise (any exception) if it cannot be recorded faithfully."""
+        ...
 
-    def loads(self, data: str | bytes) -> Any: ...
+    def loads(self, data: str | bytes) -> Any:
+        """Decode what `dumps` returned."""
+        ...
 
 
 _EXACT = frozenset({str, int, float, bool, type(None)})  # JSON gives these back as they were
@@ -113,6 +117,7 @@ class JSONCodec:
         self._encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
     def dumps(self, value: Any) -> str:
+        """JSON text for `value`; ValueError/TypeError if JSON cannot keep it equal."""
         text = self._encode(value)
         if type(value) not in _EXACT and json.loads(text) != value:
             raise ValueError(
@@ -122,6 +127,7 @@ class JSONCodec:
         return text
 
     def loads(self, data: str | bytes) -> Any:
+        """The value back from JSON text (str or UTF-8 bytes)."""
         return json.loads(data)
 
 

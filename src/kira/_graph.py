@@ -35,25 +35,27 @@ def validate(branches: Iterable[Branch]) -> Graph:
             f"branches must be an iterable of kira.Branch, not {type(branches).__name__}"
         )
     items = list(branches)
-    positions: dict[str, int] = {}
-    for i, b in enumerate(items):
-        if not isinstance(b, Branch):
-            raise TypeError(f"branches[{i}] is not a kira.Branch but {type(b).__name__}: {b!r}")
-        if b.name in positions:
-            raise DuplicateBranchError(b.name)
-        positions[b.name] = i
-
-    dependencies: list[list[int]] = []
+    # The common case (a valid graph) in bulk; the first problem, in definition
+    # order, is looked for only when there is one.
+    if not all(type(b) is Branch for b in items):
+        i, b = next((i, b) for i, b in enumerate(items) if not isinstance(b, Branch))
+        raise TypeError(f"branches[{i}] is not a kira.Branch but {type(b).__name__}: {b!r}")
+    positions = {b.name: i for i, b in enumerate(items)}
+    if len(positions) != len(items):
+        seen_names: set[str] = set()
+        for b in items:
+            if b.name in seen_names:
+                raise DuplicateBranchError(b.name)
+            seen_names.add(b.name)
+    try:
+        dependencies = [[positions[dep] for dep in b.dependencies] for b in items]
+    except KeyError:
+        b, dep = next((b, d) for b in items for d in b.dependencies if d not in positions)
+        raise MissingDependencyError(b.name, dep) from None
     dependents: list[list[int]] = [[] for _ in items]
-    for i, b in enumerate(items):
-        mine = []
-        for dep in b.dependencies:
-            j = positions.get(dep)
-            if j is None:
-                raise MissingDependencyError(b.name, dep)
-            mine.append(j)
+    for i, mine in enumerate(dependencies):
+        for j in mine:
             dependents[j].append(i)
-        dependencies.append(mine)
 
     # Kahn's algorithm: whatever never reaches zero pending dependencies is on, or
     # downstream of, a cycle.

@@ -1539,3 +1539,21 @@ def test_an_unapply_given_up_on_may_be_found_done_once_its_lingering_attempt_ret
     assert state.get_branch("b").task == DoneUnapplied()
     assert state.progress.unapplied == 1
     assert state.find_unapply_ready() == frozenset({"a"})
+
+
+def test_create_leaves_the_garbage_collector_as_it_found_it():
+    import gc
+
+    branches = [kira.Branch("a", lambda c, d: 1), kira.Branch("b", lambda c, d: 2, ["a"])]
+    assert gc.isenabled()
+    kira.RuntimeState.create(None, branches)
+    assert gc.isenabled()
+    with pytest.raises(kira.MissingDependencyError):
+        kira.RuntimeState.create(None, [kira.Branch("x", lambda c, d: 1, ["nope"])])
+    assert gc.isenabled()  # restored after a refused graph too
+    gc.disable()
+    try:
+        kira.RuntimeState.create(None, branches)
+        assert not gc.isenabled()  # the caller's choice is kept
+    finally:
+        gc.enable()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -1542,8 +1543,6 @@ def test_an_unapply_given_up_on_may_be_found_done_once_its_lingering_attempt_ret
 
 
 def test_create_leaves_the_garbage_collector_as_it_found_it():
-    import gc
-
     branches = [kira.Branch("a", lambda c, d: 1), kira.Branch("b", lambda c, d: 2, ["a"])]
     assert gc.isenabled()
     kira.RuntimeState.create(None, branches)

@@ -358,7 +358,7 @@ class Driver:
         elif phase == "apply" and state.rolling_back:
             self._give_up(name, phase)
         elif decision is True:
-            self._retry_when_free(task_id, name, phase, 0.0)
+            self._retry_now(task_id, name, phase)
         elif decision is False or decision is None:
             self._give_up(name, phase)
         elif isinstance(decision, RetryAfter):
@@ -368,7 +368,7 @@ class Driver:
                 self._event("retry_scheduled", name, attempt, value=decision.seconds)
                 self.outbox.append(ScheduleRetry(task_id, name, phase, decision.seconds))
             else:
-                self._retry_when_free(task_id, name, phase, 0.0)
+                self._retry_now(task_id, name, phase)
         else:
             log.error(
                 "kira: the %s error handler of branch %r returned %r, which is not a retry "
@@ -624,8 +624,9 @@ class Driver:
         bs = self.state.branch_states[name]
         return bs.apply_attempts if phase == "apply" else bs.unapply_attempts
 
-    def _retry_when_free(self, task_id: int, name: str, phase: Phase, delay: float) -> None:
-        self._event("retry_scheduled", name, self._attempts(name, phase) + 1, value=delay)
+    def _retry_now(self, task_id: int, name: str, phase: Phase) -> None:
+        """Retry as soon as a slot is free (delays go through `ScheduleRetry`)."""
+        self._event("retry_scheduled", name, self._attempts(name, phase) + 1, value=0.0)
         self._due.append(task_id)
 
     def _give_up(self, name: str, phase: Phase, handler_error: BaseException | None = None) -> None:

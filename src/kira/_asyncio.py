@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ from ._engine import (
     finite_or_none,
 )
 from ._events import EventHandler
+from ._journal import Journal, open_journal
 from ._state import RuntimeState
 from ._threads import _Workers, default_workers
 
@@ -45,10 +47,17 @@ class AsyncEngine(Engine):
         workers: int,
         timeout: float | None,
         grace_period: float,
+        journal: Journal | None = None,
     ) -> None:
         foreign = executor is not None and not isinstance(executor, ThreadPoolExecutor)
         self._loop = loop  # before the base class reads the clock
-        super().__init__(driver, timeout=timeout, grace_period=grace_period, portable_deps=foreign)
+        super().__init__(
+            driver,
+            timeout=timeout,
+            grace_period=grace_period,
+            portable_deps=foreign,
+            journal=journal,
+        )
         # kira's own daemon threads: an abandoned attempt cannot hold up the exit
         self._workers = _Workers(self._post_from_worker)
         self._executor = executor
@@ -152,6 +161,17 @@ class AsyncEngine(Engine):
         if isinstance(handle, asyncio.Task | Future):
             handle.cancel()  # a task stops; a thread job is dropped only if not started
 
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the run is long over
+            self._loop.call_soon_threadsafe(self._call_safely, fn, args)
+
+    def _call_safely(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # a journal that failed: the run stops there
+            if not self._done.done():
+                self._done.set_exception(exc)
+
     def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> asyncio.TimerHandle:
         return self._loop.call_later(delay, fn, *args)
 
@@ -182,6 +202,7 @@ class AsyncEngine(Engine):
             raise cancelled from error
 
     def close(self) -> None:
+        self.close_writer()
         self._workers.close()
 
 
@@ -192,7 +213,7 @@ async def run_tasks_async(
     *,
     max_workers: int | None = None,
     executor: Executor | None = None,
-    journal: Any = None,
+    journal: Journal | str | os.PathLike[str] | None = None,
     run_id: str | None = None,
     on_event: EventHandler | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
@@ -205,15 +226,41 @@ async def run_tasks_async(
     the awaiting task rolls back, then raises `asyncio.CancelledError` (whose
     `__cause__` is the rollback's outcome). A timed-out `async def` attempt is
     cancelled.
+
+    With a `journal`, the run is recorded as by `run_tasks`: the group commits
+    run in a thread of their own, never blocking the loop for a disk flush. A run
+    recorded here is carried on by `kira.resume` like any other.
     """
-    if journal is not None:
-        raise NotImplementedError(
-            "journal= is supported by kira.run_tasks (threads) only, not yet by run_tasks_async"
-        )
     run_id = run_id if run_id is not None else uuid.uuid4().hex
     timeout = finite_or_none(timeout, "timeout")
     state = RuntimeState.create(config, branches, timeout)
-    driver = Driver(state, run_id=run_id, limit=max_workers, on_event=on_event)
+    if journal is None:
+        return await _drive(
+            state, run_id, None, max_workers, executor, timeout, on_event, grace_period
+        )
+    recorder, owned = open_journal(journal)
+    try:
+        recorder.begin_run(run_id, [bs.branch for bs in state.branch_states.values()])
+        return await _drive(
+            state, run_id, recorder, max_workers, executor, timeout, on_event, grace_period
+        )
+    finally:
+        recorder.release()
+        if owned:
+            recorder.close()
+
+
+async def _drive(
+    state: RuntimeState,
+    run_id: str,
+    journal: Journal | None,
+    max_workers: int | None,
+    executor: Executor | None,
+    timeout: float | None,
+    on_event: EventHandler | None,
+    grace_period: float,
+) -> dict[str, Any]:
+    driver = Driver(state, run_id=run_id, limit=max_workers, on_event=on_event, journal=journal)
     workers = max_workers if max_workers is not None else default_workers()
     engine = AsyncEngine(
         driver,
@@ -222,6 +269,7 @@ async def run_tasks_async(
         workers=workers,
         timeout=timeout,
         grace_period=grace_period,
+        journal=journal,
     )
     try:
         outcome = await engine.run()

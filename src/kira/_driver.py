@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, Protocol, TypeAlias, final
@@ -27,6 +27,7 @@ from ._errors import (
     RunFailed,
 )
 from ._events import Event, EventHandler, EventKind
+from ._journal import INTENT, WITHDRAWN
 from ._state import (
     DoneApplied,
     NotStarted,
@@ -54,6 +55,9 @@ class StartApply(NamedTuple):
     name: str
     attempt: int
     deps: Mapping[str, Any]
+    covered: bool = False
+    """The journal already holds a committed intent for this start: launch it
+    without waiting for a commit."""
 
 
 class StartUnapply(NamedTuple):
@@ -191,12 +195,15 @@ class Driver:
         "_due",
         "_emit",
         "_in_flight",
+        "_intents",
         "_journal",
         "_late_left",
         "_limit",
         "_lingering",
+        "_lookahead",
         "_next_id",
         "_pending_value",
+        "_reserved",
         "_restored_lingering",
         "_results",
         "_timers",
@@ -238,6 +245,11 @@ class Driver:
             self._emit = _ignore
         self._user_emit = on_event
         self._limit = limit if limit is not None else 1 << 62
+        # With a journal: branches recorded as maybe starting next (see `reserve`),
+        # name -> whether that record is committed yet.
+        self._intents: dict[str, bool] = {}
+        self._reserved: list[str] = []  # intents recorded since the last `take_reserved`
+        self._lookahead = 0 if journal is None else min(8 * self._limit, 1024)
         self._in_flight = 0
         self._next_id = 0
         self._results: dict[str, Any] = {}
@@ -467,7 +479,7 @@ class Driver:
                 self.failed(task_id, error, lingering=lingering, final=True)
         if not self.state.rolling_back:
             self.state.start_rollback()
-            self._event("rollback_started", None, value="inactivity")
+            self._rollback_started(None, None, "inactivity")
             self._stop_apply_retries()
         self._fill()
         self._check_finished()
@@ -479,10 +491,55 @@ class Driver:
         self.interrupted = True
         if not self.state.rolling_back:
             self.state.start_rollback()
-            self._event("rollback_started", None, value="interrupted")
+            self._rollback_started(None, None, "interrupted")
             self._stop_apply_retries()
         self._fill()
         self._check_finished()
+
+    # -- journaling ahead ------------------------------------------------------------
+
+    def reserve(self) -> int:
+        """Record in the journal which branches may start next (call before a
+        commit); return how many were added.
+
+        Up to a lookahead of 8 x `max_workers` branches ready to apply but waiting
+        for a free slot get an intent. Once `committed`, such a branch starts
+        without a commit of its own: its `StartApply` says `covered`. So a run
+        commits once per many starts, however few run at once.
+        """
+        intents = self._intents
+        if self._lookahead <= len(intents) or self.finished or self._journal is None:
+            return 0
+        fresh = [n for n in self.state.first_apply_ready(self._lookahead) if n not in intents]
+        if fresh:
+            self._journal.record_intents(self.run_id, fresh)
+            for name in fresh:
+                intents[name] = False
+            self._reserved += fresh
+        return len(fresh)
+
+    def take_reserved(self) -> list[str]:
+        """The intents recorded since the last call: the journal's rows taken for a
+        commit hold them (pass them to `committed` when it is done)."""
+        taken, self._reserved = self._reserved, []
+        return taken
+
+    def intents_low(self) -> bool:
+        """Whether fewer than half the lookahead's intents are left: time to commit
+        more before the starts catch up with them."""
+        return 2 * len(self._intents) < self._lookahead and not self.state.rolling_back
+
+    @property
+    def lookahead(self) -> int:
+        """How many intents `reserve` keeps ahead of the starts."""
+        return self._lookahead
+
+    def committed(self, names: list[str]) -> None:
+        """The journal committed the intents of `names` (from `take_reserved`)."""
+        intents = self._intents
+        for name in names:
+            if name in intents:  # (not started, nor withdrawn, since)
+                intents[name] = True
 
     # -- resuming a recorded run ---------------------------------------------------------
 
@@ -499,8 +556,29 @@ class Driver:
         state._clock = lambda: recorded_at[0]
         task_id = 0
         self._decided = set()
+        # An intent never followed by its start nor withdrawn: the branch may have
+        # begun (its start was to be committed later), so it counts as started.
+        open_intents: dict[str, datetime] = {}
+        replay: list[Event] = []
+        for event in events:
+            kind = event.kind
+            if kind in (INTENT, WITHDRAWN):
+                for name in event.value:
+                    if kind == INTENT:
+                        open_intents[name] = event.at
+                    else:
+                        open_intents.pop(name, None)
+                continue
+            if kind == "apply_started":
+                open_intents.pop(event.branch, None)  # type: ignore[arg-type]
+            elif open_intents and kind in ("rollback_started", "failed"):
+                # Withdrawals come before the events that start a rollback, so
+                # none is open here unless the journal lost its tail mid-group.
+                replay += _intent_starts(self.run_id, open_intents)
+            replay.append(event)
+        replay += _intent_starts(self.run_id, open_intents)
         try:
-            for event in events:
+            for event in replay:
                 recorded_at[0] = event.at
                 kind, name = event.kind, event.branch
                 if event.attempt is None and kind.startswith("unappl"):
@@ -634,15 +712,30 @@ class Driver:
         if phase == "apply":
             first = not state.rolling_back
             state.mark_as_failed(name)
+            if first:
+                self._withdraw_intents()  # (the first give-up starts the rollback)
             attempts = state.branch_states[name].apply_attempts
             self._event("failed", name, attempts, error=handler_error, value="apply")
             if first:
                 self.culprit = state.branch_states[name].errors[-1]
-                self._event("rollback_started", name, error=self.culprit.error, value="failure")
+                self._rollback_started(name, self.culprit.error, "failure")
                 self._stop_apply_retries()
         else:
             state.mark_as_unapply_failed(name)
             self._event("failed", name, state.branch_states[name].unapply_attempts, value="unapply")
+
+    def _rollback_started(self, name: str | None, error: BaseException | None, why: str) -> None:
+        self._withdraw_intents()
+        self._event("rollback_started", name, error=error, value=why)
+
+    def _withdraw_intents(self) -> None:
+        """No apply starts any more: withdraw the intents, in the journal before the
+        events that start the rollback, so that no record of the rollback can be
+        read back with an intent still open."""
+        if self._intents:
+            assert self._journal is not None
+            self._journal.record_intents(self.run_id, list(self._intents), WITHDRAWN)
+            self._intents.clear()
 
     def _stop_apply_retries(self) -> None:
         """Rolling back: give up every apply waiting for a retry."""
@@ -672,6 +765,7 @@ class Driver:
                 # the hot loop of every run: kept lean on purpose
                 peek = state.next_apply_ready
                 emit = self._emit
+                intents = self._intents
                 while self._in_flight < limit:
                     name = peek()
                     if name is None:
@@ -682,7 +776,11 @@ class Driver:
                     deps = MappingProxyType(state.resolve_dependencies_of(name))
                     if emit is not None:
                         self._event("apply_started", name, 1)
-                    outbox.append(StartApply(task_id, name, 1, deps))
+                    if intents:
+                        covered = intents.pop(name, False)
+                        outbox.append(StartApply(task_id, name, 1, deps, covered))
+                    else:
+                        outbox.append(StartApply(task_id, name, 1, deps))
                 return
             name = state.next_unapply_ready()
             if name is None:
@@ -777,15 +875,17 @@ class Driver:
         emit = self._emit
         if emit is None:
             return
-        event = Event(self.run_id, kind, branch, self.state._clock(), attempt, error, value)
-        if self._journal is not None:
+        at = self.state._clock()
+        journal = self._journal
+        if journal is not None:
             encoded = None
             if kind == "applied":
                 encoded, self._pending_value = self._pending_value, None
-            self._journal.record(event, encoded)
+            journal.record_fields(self.run_id, kind, branch, at, attempt, error, value, encoded)
             if self._user_emit is None:
-                return
+                return  # no Event to build: only the journal listens
             emit = self._user_emit
+        event = Event(self.run_id, kind, branch, at, attempt, error, value)
         try:
             emit(event)
         except BaseException:  # SystemExit too: the rollback must not be skipped
@@ -797,7 +897,26 @@ class JournalLike(Protocol):
 
     def encode(self, branch: str, value: Any) -> str | bytes: ...
 
-    def record(self, event: Event, encoded: str | bytes | None = None) -> None: ...
+    def record_fields(
+        self,
+        run_id: str,
+        kind: str,
+        branch: str | None,
+        at: datetime,
+        attempt: int | None,
+        error: BaseException | None,
+        value: Any,
+        encoded: str | bytes | None = None,
+    ) -> None: ...
+
+    def record_intents(self, run_id: str, names: Sequence[str], kind: str = ...) -> None: ...
+
+
+def _intent_starts(run_id: str, open_intents: dict[str, datetime]) -> list[Event]:
+    """Starts for the intents still open: those branches may have begun."""
+    starts = [Event(run_id, "apply_started", name, at, 1) for name, at in open_intents.items()]
+    open_intents.clear()
+    return starts
 
 
 def _ignore(event: Event) -> None:

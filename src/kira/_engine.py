@@ -13,6 +13,8 @@ import asyncio
 import inspect
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import BrokenExecutor
@@ -20,6 +22,7 @@ from contextvars import ContextVar
 from typing import Any, NamedTuple, Protocol
 
 from ._driver import (
+    Command,
     Compensate,
     Consult,
     Driver,
@@ -171,6 +174,13 @@ class Engine:
         # The caller's executor broke (a dead worker process): unapplies then run
         # in this process, because a rollback must not depend on a broken pool.
         self.executor_broken = False
+        # Group commits run in a writer thread while the run goes on; commands
+        # whose events are in the commit in flight wait for it (`_after_commit`),
+        # those whose events are still buffered wait for the next one.
+        self._writer: _Writer | None = None
+        self._commit_busy = False
+        self._after_commit: list[Command] = []
+        self._next_commit: list[Command] = []
 
     # -- supplied by the runner ---------------------------------------------------
 
@@ -189,6 +199,10 @@ class Engine:
         """Try to stop the attempt; it still reports its completion."""
 
     def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> TimerHandle:
+        raise NotImplementedError
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """From any thread: call `fn(*args)` in the scheduling thread."""
         raise NotImplementedError
 
     def _is_async(self, fn: Callable[..., Any]) -> bool:
@@ -229,57 +243,110 @@ class Engine:
     def pump(self) -> None:
         """Carry out every command in the driver's outbox.
 
-        With a journal, the events behind the commands are committed first, in one
-        transaction: nothing is acted on before it is durable.
+        With a journal, a command is carried out only once the events behind it
+        are committed: group commits, in a writer thread, of everything recorded
+        meanwhile. A start whose intent the journal already holds
+        (`StartApply.covered`) waits for nothing: it is launched at once, and its
+        own records go with a later commit.
         """
-        outbox = self.driver.outbox
-        if not outbox:
-            return
+        driver = self.driver
+        outbox = driver.outbox
+        carry_out = self._carry_out
         journal = self.journal
-        if journal is not None and journal.dirty:
-            journal.flush()
+        if journal is None:
+            while outbox:
+                carry_out(outbox.popleft())
+            return
+        while outbox:
+            command = outbox.popleft()
+            if type(command) is StartApply and command.covered:
+                carry_out(command)
+            elif journal.dirty:
+                self._next_commit.append(command)
+            elif self._commit_busy:
+                self._after_commit.append(command)
+            else:
+                carry_out(command)  # its events are committed already
+        if not self._commit_busy:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Start a group commit if a command waits for one, or if the intents run
+        low and enough new ones are worth a commit (so that the starts do not catch
+        up with them)."""
+        journal, driver = self.journal, self.driver
+        assert journal is not None
+        if not self._next_commit and not (
+            journal.dirty and driver.intents_low() and 4 * driver.reserve() >= driver.lookahead
+        ):
+            return
+        driver.reserve()
+        rows = journal.take()
+        names = driver.take_reserved()
+        self._after_commit, self._next_commit = self._next_commit, []
+        self._commit_busy = True
+        if self._writer is None:
+            self._writer = _Writer(journal, self._post)
+        self._writer.submit(rows, self._committed, names)
+
+    def _committed(self, names: list[str], error: BaseException | None) -> None:
+        """The writer thread's commit ended: carry out what waited for it."""
+        self._commit_busy = False
+        if error is not None:
+            # the run stops where the journal stopped (resume it once it works)
+            raise error
+        self.driver.committed(names)
+        released, self._after_commit = self._after_commit, []
+        carry_out = self._carry_out
+        for command in released:
+            carry_out(command)
+        self._commit()
+
+    def close_writer(self) -> None:
+        """Wait for the commit in flight, then stop the writer thread."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _carry_out(self, command: Command) -> None:
         branches = self.state.branch_states
         config = self.config
         run_id = self.run_id
-        while outbox:
-            command = outbox.popleft()
-            if type(command) is StartApply:
-                branch = branches[command.name].branch
-                attempt = Attempt(APPLY, command.task_id, command.name, "apply")
-                attempt.info = AttemptInfo(run_id, command.name, "apply", command.attempt)
-                self.attempts[command.task_id] = attempt
-                self._start(
-                    attempt, branch.apply, (config, self._deps(command.deps)), branch.timeout
-                )
-            elif type(command) is StartUnapply:
-                branch = branches[command.name].branch
-                attempt = Attempt(UNAPPLY, command.task_id, command.name, "unapply")
-                attempt.info = AttemptInfo(run_id, command.name, "unapply", command.attempt)
-                self.attempts[command.task_id] = attempt
-                args = (config, self._deps(command.deps), command.value)
-                self._start(attempt, branch.unapply, args, branch.timeout)  # type: ignore[arg-type]
-            elif type(command) is Consult:
-                handler = branches[command.name].branch.error_handler(command.phase)
-                attempt = Attempt(CONSULT, command.task_id, command.name, command.phase)
-                attempt.info = AttemptInfo(run_id, command.name, command.phase, command.attempt)
-                self.consults[command.task_id] = attempt
-                self._launch_local(
-                    attempt,
-                    handler,  # type: ignore[arg-type]
-                    (config, command.deps, command.error, command.attempt),
-                )
-            elif type(command) is ScheduleRetry:
-                self._call_later(command.delay, self._retry_due, command.task_id)
-            elif type(command) is Compensate:
-                branch = branches[command.name].branch
-                attempt = Attempt(COMPENSATE, command.task_id, command.name, "unapply")
-                attempt.info = AttemptInfo(run_id, command.name, "unapply", 0)
-                args = (config, self._deps(command.deps), command.value)
-                self._start(attempt, branch.unapply, args, branch.timeout)  # type: ignore[arg-type]
-            elif type(command) is Finish:
-                if self._inactivity_timer is not None:
-                    self._inactivity_timer.cancel()
-                self._finished(command.outcome)
+        if type(command) is StartApply:
+            branch = branches[command.name].branch
+            attempt = Attempt(APPLY, command.task_id, command.name, "apply")
+            attempt.info = AttemptInfo(run_id, command.name, "apply", command.attempt)
+            self.attempts[command.task_id] = attempt
+            self._start(attempt, branch.apply, (config, self._deps(command.deps)), branch.timeout)
+        elif type(command) is StartUnapply:
+            branch = branches[command.name].branch
+            attempt = Attempt(UNAPPLY, command.task_id, command.name, "unapply")
+            attempt.info = AttemptInfo(run_id, command.name, "unapply", command.attempt)
+            self.attempts[command.task_id] = attempt
+            args = (config, self._deps(command.deps), command.value)
+            self._start(attempt, branch.unapply, args, branch.timeout)  # type: ignore[arg-type]
+        elif type(command) is Consult:
+            handler = branches[command.name].branch.error_handler(command.phase)
+            attempt = Attempt(CONSULT, command.task_id, command.name, command.phase)
+            attempt.info = AttemptInfo(run_id, command.name, command.phase, command.attempt)
+            self.consults[command.task_id] = attempt
+            self._launch_local(
+                attempt,
+                handler,  # type: ignore[arg-type]
+                (config, command.deps, command.error, command.attempt),
+            )
+        elif type(command) is ScheduleRetry:
+            self._call_later(command.delay, self._retry_due, command.task_id)
+        elif type(command) is Compensate:
+            branch = branches[command.name].branch
+            attempt = Attempt(COMPENSATE, command.task_id, command.name, "unapply")
+            attempt.info = AttemptInfo(run_id, command.name, "unapply", 0)
+            args = (config, self._deps(command.deps), command.value)
+            self._start(attempt, branch.unapply, args, branch.timeout)  # type: ignore[arg-type]
+        elif type(command) is Finish:
+            if self._inactivity_timer is not None:
+                self._inactivity_timer.cancel()
+            self._finished(command.outcome)
 
     def _deps(self, deps: Mapping[str, Any]) -> Mapping[str, Any]:
         return FrozenDeps(deps) if self.portable_deps else deps
@@ -423,6 +490,36 @@ class Engine:
             for name, bs in self.state.branch_states.items()
             if type(bs.task) in HOLDING or bs.lingering
         ]
+
+
+class _Writer:
+    """A thread that commits the journal's row batches, one at a time, and posts
+    `done(names, error)` back to the scheduling thread."""
+
+    def __init__(self, journal: Journal, post: Callable[..., None]) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._work, args=(journal, post), name="kira-journal", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, rows: list[Any], done: Callable[..., None], names: list[str]) -> None:
+        self._jobs.put((rows, done, names))
+
+    def _work(self, journal: Journal, post: Callable[..., None]) -> None:
+        get = self._jobs.get
+        while (job := get()) is not None:
+            rows, done, names = job
+            error: BaseException | None = None
+            try:
+                journal.commit(rows)
+            except BaseException as exc:  # reported to the run, which stops
+                error = exc
+            post(done, names, error)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
 
 
 def finite_or_none(value: float | None, what: str) -> float | None:

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sqlite3
+import threading
 import time
 import traceback
 import uuid
@@ -118,6 +119,8 @@ class JSONCodec:
 
     def dumps(self, value: Any) -> str:
         """JSON text for `value`; ValueError/TypeError if JSON cannot keep it equal."""
+        if type(value) is int:  # the commonest result, and JSON's text is its repr
+            return int.__repr__(value)
         text = self._encode(value)
         if type(value) not in _EXACT and json.loads(text) != value:
             raise ValueError(
@@ -217,6 +220,33 @@ _META_VALUED = frozenset(
     }
 )
 
+# Journal-only records, not events: "branch may start next" (written ahead, so that
+# a start needs no commit of its own) and "it will not, after all" (at a rollback).
+INTENT, WITHDRAWN = "apply_intent", "apply_withdrawn"
+_INTERNAL = frozenset({INTENT, WITHDRAWN})
+
+_INSERTS: dict[int, str] = {}
+
+
+def _insert(rows: int) -> str:
+    """The statement inserting `rows` events at once."""
+    sql = _INSERTS.get(rows)
+    if sql is None:
+        sql = _INSERTS[rows] = "INSERT INTO events VALUES " + ",".join(
+            ["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows
+        )
+    return sql
+
+
+def _parameters(rows: list[tuple[Any, ...]]) -> list[Any]:
+    """The rows' values, flat, with their times as ISO text."""
+    flat: list[Any] = []
+    extend = flat.extend
+    for run_id, seq, kind, branch, at, attempt, error, value in rows:
+        extend((run_id, seq, kind, branch, at.isoformat(), attempt, error, value))
+    return flat
+
+
 # version -> SQL that migrates from the version before it
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
 
@@ -263,6 +293,9 @@ class Journal:
         crash = os.environ.get("KIRA_TEST_CRASH_AT")
         self._crash_at = int(crash) if crash else 0  # test hook: SIGKILL after event n
         self._recorded = 0
+        self._chunk = 1
+        # one transaction at a time: runners commit from a writer thread
+        self._lock = threading.RLock()
         with self._errors("open"):
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +312,9 @@ class Journal:
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
+            # rows per INSERT: within SQLite's limit on parameters (8 per row)
+            limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            self._chunk = max(1, min(limit // 8, 1000))
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._migrate()
@@ -373,7 +409,7 @@ class Journal:
 
     @contextlib.contextmanager
     def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
-        with self._errors(doing):
+        with self._lock, self._errors(doing):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -495,23 +531,61 @@ class Journal:
 
     def record(self, event: Event, encoded: str | bytes | None = None) -> None:
         """Buffer `event` (with its encoded result, for `applied`); `flush` commits."""
-        run_id = event.run_id
+        self.record_fields(
+            event.run_id,
+            event.kind,
+            event.branch,
+            event.at,
+            event.attempt,
+            event.error,
+            event.value,
+            encoded,
+        )
+
+    def record_fields(
+        self,
+        run_id: str,
+        kind: str,
+        branch: str | None,
+        at: datetime,
+        attempt: int | None,
+        error: BaseException | None,
+        value: Any,
+        encoded: str | bytes | None = None,
+    ) -> None:
+        """`record` without building an `Event` (the driver's path when only the
+        journal listens)."""
         seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
-        value: Any = encoded
-        if event.kind in _META_VALUED and event.value is not None:
-            value = json.dumps(event.value)
+        if kind in _META_VALUED and value is not None:
+            encoded = json.dumps(value)
         self._pending.append(
             (
                 run_id,
                 seq,
-                event.kind,
-                event.branch,
-                event.at.isoformat(),
-                event.attempt,
-                _encode_error(event.error),
-                value,
+                kind,
+                branch,
+                at,  # made text in the writer thread, off the scheduling thread
+                attempt,
+                None if error is None else _encode_error(error),
+                encoded,
             )
         )
+
+    def record_intents(self, run_id: str, names: Sequence[str], kind: str = INTENT) -> None:
+        """Buffer one record saying that each of `names` may start its first apply
+        (`INTENT`), or will not (`WITHDRAWN`).
+
+        An intent, once committed, lets the branch start without a commit of its
+        own: its `apply_started` is committed with a later group. A resume treats
+        an intent neither followed by `apply_started` nor withdrawn as a start, so
+        the branch is attempted again (with the same attempt key) whether or not
+        it had begun. Withdrawals are written before `rollback_started`.
+        """
+        if not names:
+            return
+        seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
+        at = datetime.now(UTC)
+        self._pending.append((run_id, seq, kind, None, at, 1, None, json.dumps(list(names))))
 
     @property
     def dirty(self) -> bool:
@@ -520,34 +594,62 @@ class Journal:
 
     def flush(self) -> None:
         """Commit every buffered event in one transaction (a group commit)."""
-        if not self._pending:
-            return
+        self.commit(self.take())
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """The buffered rows, for `commit` (which may run in another thread)."""
         rows, self._pending = self._pending, []
+        return rows
+
+    def commit(self, rows: list[tuple[Any, ...]]) -> None:
+        """Commit `rows` (from `take`) in one transaction (a group commit)."""
+        if not rows:
+            return
         crash_now = False
-        if self._crash_at and self._recorded < self._crash_at <= self._recorded + len(rows):
-            rows = rows[: self._crash_at - self._recorded]
-            crash_now = True
-        self._recorded += len(rows)
-        # Only the events: one statement per commit keeps group commits cheap. The
-        # lease is renewed by a timer (`renew`), the applied count read from events.
-        with self._transaction("record events") as db:
-            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            last = rows[-1]
-            if last[2] == "run_finished":
-                state = json.loads(last[7]) if last[7] is not None else "finished"
-                db.execute(
-                    "UPDATE runs SET state=?, updated_at=?, owner=NULL, lease_until=NULL "
-                    "WHERE run_id=?",
-                    (state, datetime.now(UTC).isoformat(), last[0]),
-                )
+        if self._crash_at:
+            rows, crash_now = self._rows_before_crash(rows)
+        # Only the events (the lease is renewed by a timer, the applied count read
+        # from events), and in as few statements as possible: sqlite3 lets go of
+        # the GIL around each one, and taking it back behind a busy scheduling
+        # thread can cost a switch interval (5 ms) each time. A single statement
+        # is its own transaction.
+        last = rows[-1]
+        finishing = last[2] == "run_finished"
+        chunk = self._chunk
+        if len(rows) <= chunk and not finishing:
+            with self._lock, self._errors("record events"):
+                self._db.execute(_insert(len(rows)), _parameters(rows))
+        else:
+            with self._transaction("record events") as db:
+                for start in range(0, len(rows), chunk):
+                    part = rows[start : start + chunk]
+                    db.execute(_insert(len(part)), _parameters(part))
+                if finishing:
+                    state = json.loads(last[7]) if last[7] is not None else "finished"
+                    db.execute(
+                        "UPDATE runs SET state=?, updated_at=?, owner=NULL, lease_until=NULL "
+                        "WHERE run_id=?",
+                        (state, datetime.now(UTC).isoformat(), last[0]),
+                    )
         if crash_now:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _rows_before_crash(self, rows: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], bool]:
+        """The test hook: keep the rows up to the `_crash_at`-th event (intents and
+        withdrawals are not counted), and say whether to die after committing them."""
+        for index, row in enumerate(rows):
+            if row[2] in _INTERNAL:
+                continue
+            self._recorded += 1
+            if self._recorded == self._crash_at:
+                return rows[: index + 1], True
+        return rows, False
 
     # -- reading -------------------------------------------------------------------------
 
     def load(self, run_id: str) -> _RunRecord:
         """Read a run's graph and events back."""
-        with self._errors("read a run"):
+        with self._lock, self._errors("read a run"):
             row = self._db.execute(
                 "SELECT flow, graph, state FROM runs WHERE run_id=?", (run_id,)
             ).fetchone()
@@ -581,7 +683,7 @@ class Journal:
 
     def runs(self) -> list[RunSummary]:
         """Every run in the journal, oldest first."""
-        with self._errors("list runs"):
+        with self._lock, self._errors("list runs"):
             rows = self._db.execute(
                 "SELECT r.run_id, r.flow, r.created_at, r.state, "
                 "(SELECT COUNT(*) FROM events e WHERE e.run_id = r.run_id AND e.kind = 'applied'), "
@@ -598,7 +700,7 @@ class Journal:
 
     def events(self, run_id: str) -> list[Event]:
         """A run's recorded events, in order (results decoded)."""
-        return self.load(run_id).events
+        return [e for e in self.load(run_id).events if e.kind not in _INTERNAL]
 
 
 def open_journal(journal: Journal | str | os.PathLike[str]) -> tuple[Journal, bool]:

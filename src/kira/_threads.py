@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from functools import partial
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._branch import Branch
 from ._driver import Driver, Outcome
@@ -45,6 +45,13 @@ from ._state import RuntimeState
 log = logging.getLogger("kira")
 
 _INTERRUPT = object()  # queue message: SIGINT arrived
+
+
+class _Call(NamedTuple):
+    """Queue message: call `fn(*args)` in the scheduling thread."""
+
+    fn: Callable[..., None]
+    args: tuple[Any, ...]
 
 
 class _Timer:
@@ -287,6 +294,9 @@ class ThreadEngine(Engine):
     _started = False
 
     def _handle(self, message: Any) -> None:
+        if type(message) is _Call:
+            message.fn(*message.args)
+            return
         if message is _INTERRUPT:
             self.interrupts += 1
             if self.interrupts == 1:
@@ -309,10 +319,14 @@ class ThreadEngine(Engine):
             if not timer.cancelled:
                 timer.fn(*timer.args)
 
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        self._queue.put(_Call(fn, args))
+
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         self._queue.put(_INTERRUPT)
 
     def close(self) -> None:
+        self.close_writer()
         self._workers.close()
         if self._loop_thread is not None:
             self._loop_thread.close()

@@ -1,7 +1,7 @@
 """Shared helpers of the journal tests: the crash flow, subprocesses, ledgers.
 
 `FLOW_SOURCE` is a flow module the tests write into `tmp_path` and run as a
-script (`python flow.py JOURNAL LEDGER MODE [CALLS]`) or import. Its six branches
+script (`python flow.py JOURNAL LEDGER MODE [CALLS [RUNNER [WORKERS]]]`) or import. Its six branches
 form a diamond with a tail::
 
     a -> b, c -> d -> e -> f
@@ -10,7 +10,10 @@ Every apply records its effect in a separate SQLite "ledger" database,
 idempotently (`INSERT OR IGNORE` keyed by `kira.current_attempt().key`), and
 returns the sum of its dependencies' results plus a constant. Every unapply
 deletes its branch's apply effects and records an "undo" row keyed by its own
-attempt. In mode "fail", f fails every attempt (no retry), so the run rolls back.
+attempt. In mode "fail", f fails every attempt (no retry), so the run rolls back;
+in mode "fail_b", b does. RUNNER is "threads" (`run_tasks`, the default) or
+"asyncio" (`run_tasks_async`); WORKERS is `max_workers` (with 1, c waits while b
+runs, so the journal records an intent for it ahead of its start).
 Every callback appends a line to the "calls" file, when one is given.
 """
 
@@ -84,6 +87,8 @@ def make_apply(name):
             hook(name, "apply", info)
         if config["mode"] == "fail" and name == "f":
             raise RuntimeError("f fails on purpose")
+        if config["mode"] == "fail_b" and name == "b":
+            raise RuntimeError("b fails on purpose")
         value = sum(deps.values()) + CONSTANTS[name]
         with connect(config["ledger"]) as db:
             db.execute(
@@ -127,11 +132,24 @@ def make_config(ledger, mode, calls=None, hook=None):
 
 def main(argv):
     journal, ledger, mode = argv[1:4]
-    calls = argv[4] if len(argv) > 4 else None
+    calls = argv[4] if len(argv) > 4 and argv[4] else None
+    runner = argv[5] if len(argv) > 5 else "threads"
+    workers = int(argv[6]) if len(argv) > 6 else None
     init_ledger(ledger)
     config = make_config(ledger, mode, calls)
     try:
-        results = kira.run_tasks(config, branches(), journal=journal, run_id=RUN_ID)
+        if runner == "asyncio":
+            import asyncio
+
+            results = asyncio.run(
+                kira.run_tasks_async(
+                    config, branches(), journal=journal, run_id=RUN_ID, max_workers=workers
+                )
+            )
+        else:
+            results = kira.run_tasks(
+                config, branches(), journal=journal, run_id=RUN_ID, max_workers=workers
+            )
     except kira.RolledBack as exc:
         print(json.dumps({"rolled_back": list(exc.unapplied)}))
     else:
@@ -178,11 +196,15 @@ def run_flow(
     mode: str,
     calls: Path | None = None,
     crash_at: int | None = None,
+    runner: str = "threads",
+    workers: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the flow script in a subprocess (killed by the crash hook if `crash_at`)."""
+    """Run the flow script in a subprocess (killed by the crash hook if `crash_at`),
+    on `runner` ("threads" or "asyncio") with `max_workers=workers`."""
     args = [sys.executable, str(flow), str(journal), str(ledger), mode]
-    if calls is not None:
-        args.append(str(calls))
+    args += [str(calls) if calls is not None else "", runner]
+    if workers is not None:
+        args.append(str(workers))
     return subprocess.run(
         args,
         env=child_env(crash_at),

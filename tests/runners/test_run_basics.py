@@ -316,17 +316,25 @@ def test_an_invalid_graph_raises_before_anything_runs(run, make, error):
     assert events.items == []
 
 
-def test_journal_is_taken_by_run_tasks_and_refused_by_run_tasks_async(run, tmp_path):
-    # run_tasks_async does not journal yet: it must say so before anything runs
-    # (the journal itself is tested in tests/journal).
+def test_both_runners_record_a_run_in_a_journal(run, tmp_path):
+    # (the journal itself is tested in tests/journal)
     called = Log()
-    branches = [kira.Branch("a", lambda config, deps: called.add(("apply", "a")) or 1)]
+    branches = [
+        kira.Branch("a", lambda config, deps: called.add(("apply", "a")) or 1),
+        kira.Branch("b", lambda config, deps: deps["a"] + 1, dependencies=("a",)),
+    ]
     path = tmp_path / "journal.sqlite"
-    if run.kind == "asyncio":
-        with pytest.raises(NotImplementedError):
-            run(None, branches, journal=path)
-        assert called.items == []
-    else:
-        assert run(None, branches, journal=path) == {"a": 1}
-        assert called.items == [("apply", "a")]
-        assert path.exists()
+    assert run(None, branches, journal=path, run_id="r1") == {"a": 1, "b": 2}
+    assert called.items == [("apply", "a")]
+    with kira.Journal(path) as journal:
+        assert [(r.run_id, r.state, r.applied, r.total) for r in journal.runs()] == [
+            ("r1", "applied", 2, 2)
+        ]
+        kinds = [(e.kind, e.branch) for e in journal.events("r1")]
+    assert kinds == [
+        ("apply_started", "a"),
+        ("applied", "a"),
+        ("apply_started", "b"),
+        ("applied", "b"),
+        ("run_finished", None),
+    ]

@@ -45,6 +45,7 @@ from ._state import RuntimeState
 log = logging.getLogger("kira")
 
 _INTERRUPT = object()  # queue message: SIGINT arrived
+_WAKE = object()  # queue message: look at the timers and the outcome again
 
 
 class _Call(NamedTuple):
@@ -156,7 +157,12 @@ class ThreadEngine(Engine):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, _Timer]] = []
         self._seq = itertools.count()
-        self._workers = _Workers(self._queue.put)
+        # Whoever holds the lock schedules: the thread running the run, or a worker
+        # reporting its own attempt (see `_report`). Everything else reaches the
+        # scheduling through the queue.
+        self.lock = self._lock = threading.RLock()
+        self._ident: int | None = None  # the thread running the run
+        self._workers = _Workers(self._report)
         self._executor = executor
         self._loop_thread: _LoopThread | None = None
         self._to_loop: deque[tuple[Attempt, Any]] = deque()
@@ -259,14 +265,46 @@ class ThreadEngine(Engine):
     def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> _Timer:
         timer = _Timer(fn, args)
         heapq.heappush(self._timers, (self._now() + delay, next(self._seq), timer))
+        if threading.get_ident() != self._ident:
+            self._queue.put(_WAKE)  # the run's thread may wait past this timer
         return timer
+
+    def _finished(self, outcome: Outcome) -> None:
+        super()._finished(outcome)
+        if threading.get_ident() != self._ident:
+            self._queue.put(_WAKE)
+
+    def _report(self, message: tuple[Attempt, bool, Any]) -> None:
+        """A worker's attempt ended (in that worker's thread).
+
+        If nobody is scheduling and no report waits, the worker schedules
+        itself: it reports and starts what may start, so the job it submits is
+        usually the next one it takes, with no thread woken on the way. Otherwise
+        the report is queued for the run's thread.
+        """
+        # (not past reports still queued: they are handled first, in order)
+        if self.outcome is None and self._queue.empty() and self._lock.acquire(blocking=False):
+            try:
+                if self.outcome is None:
+                    self._handle(message)
+                    self.pump()
+                    return
+            except BaseException as exc:  # a bug: fail the run loudly, in its thread
+                self._queue.put(_Call(_reraise, (exc,)))
+                return
+            finally:
+                self._lock.release()
+        self._queue.put(message)
 
     # -- the loop ---------------------------------------------------------------------
 
     def run(self, *, resume: bool = False) -> Outcome:
+        self._ident = threading.get_ident()
+        lock = self._lock
         if not self._started:
             self._started = True
-            self.begin(resume=resume)
+            with lock:
+                self.begin(resume=resume)
         get = self._queue.get
         get_nowait = self._queue.get_nowait
         timers = self._timers
@@ -280,15 +318,17 @@ class ThreadEngine(Engine):
                 message = get(timeout=timeout)
             except queue.Empty:
                 message = None
-            while message is not None:
-                self._handle(message)
-                try:
-                    message = get_nowait()
-                except queue.Empty:
-                    message = None
-            if timers:
-                self._fire_due_timers()
-            self.pump()
+            with lock:
+                while message is not None:
+                    self._handle(message)
+                    try:
+                        message = get_nowait()
+                    except queue.Empty:
+                        message = None
+                if timers:
+                    self._fire_due_timers()
+                if self.outcome is None:
+                    self.pump()
         return self.outcome
 
     _started = False
@@ -296,6 +336,8 @@ class ThreadEngine(Engine):
     def _handle(self, message: Any) -> None:
         if type(message) is _Call:
             message.fn(*message.args)
+            return
+        if message is _WAKE:
             return
         if message is _INTERRUPT:
             self.interrupts += 1
@@ -330,6 +372,10 @@ class ThreadEngine(Engine):
         self._workers.close()
         if self._loop_thread is not None:
             self._loop_thread.close()
+
+
+def _reraise(error: BaseException) -> None:
+    raise error
 
 
 def default_workers() -> int:
@@ -368,7 +414,9 @@ def run_tasks(
             run on if this process dies.
         run_id: the run's id, carried by events, errors and the journal (default:
             random hex).
-        on_event: called with every `Event` in transition order.
+        on_event: called with every `Event` in transition order, one call at a
+            time, from the thread that schedules at that moment: this one, or a
+            worker of kira's that has just finished an attempt.
         grace_period: how long to wait for a timed-out attempt that cannot be
             stopped (a thread) before naming it in `RollbackIncomplete.abandoned`.
             Until then it keeps its place among the `max_workers`: with
@@ -427,7 +475,8 @@ def drive_threads(
             if engine.interrupts or engine.driver.interrupted:
                 raise
             engine.interrupts += 1
-            engine.interrupt()
+            with engine.lock:
+                engine.interrupt()
             outcome = engine.run()
             raise KeyboardInterrupt("interrupted; rolled back") from outcome.error()
         if engine.interrupts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from datetime import timedelta
 
 import pytest
@@ -219,3 +220,42 @@ def test_a_default_run_id_is_a_fresh_hex_string_carried_everywhere(run):
     assert one.value.run_id != two.value.run_id
     assert {e.run_id for e in first.items} == {one.value.run_id}
     assert {e.run_id for e in second.items} == {two.value.run_id}
+
+
+def test_on_event_is_called_one_event_at_a_time_in_an_order_the_graph_allows(run):
+    # Workers that finish an attempt may schedule (and so call on_event) themselves:
+    # never two calls at once, and every start after its dependencies' applied.
+    inside = threading.Lock()
+    overlaps: list[str] = []
+    seen: list[tuple[str, str | None]] = []
+
+    def on_event(event: kira.Event) -> None:
+        if not inside.acquire(blocking=False):
+            overlaps.append(event.kind)
+            return
+        try:
+            seen.append((event.kind, event.branch))
+        finally:
+            inside.release()
+
+    width = 40
+    branches = [
+        kira.Branch(
+            f"n{layer}-{i}",
+            lambda config, deps: sum(deps.values()) + 1,
+            dependencies=(f"n{layer - 1}-{i}", f"n{layer - 1}-{(i + 7) % width}") if layer else (),
+        )
+        for layer in range(25)
+        for i in range(width)
+    ]
+    results = run(None, branches, max_workers=8, on_event=on_event)
+    assert overlaps == []
+    assert results["n24-0"] == 2**25 - 1
+    applied: set[str] = set()
+    deps = {b.name: b.dependencies for b in branches}
+    for kind, name in seen:
+        if kind == "apply_started":
+            assert set(deps[name]) <= applied, name
+        elif kind == "applied":
+            applied.add(name)
+    assert len(applied) == len(branches) and seen[-1] == ("run_finished", None)

@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import kira
-from state_machine import layered_graph, median_seconds
+from state_machine import layered_graph, median_seconds, medians_in_turns
 
 WORKERS = 8
 
@@ -253,7 +253,7 @@ def main() -> None:
     sizes = [1_000, 10_000] if quick else [10_000, 100_000]
     version = sys.version.split()[0]
     print(f"no-op branches on the layered DAG; max_workers={WORKERS}; python {version}")
-    print("medians of 5 (10k) / 3 (100k) runs\n")
+    print("medians of 5 (10k) / 3 (100k) runs, the contenders taking turns\n")
     header = f"{'N':>8} {'runner':<22} {'seconds':>9} {'branches/s':>11} {'ratio':>20}"
     print(header)
     print("-" * len(header))
@@ -264,15 +264,25 @@ def main() -> None:
         expected = handwritten_threads(graph)
         assert kira_threads(sb) == expected
         assert kira_async(ab) == expected
-        t_hand = median_seconds(lambda g=graph: handwritten_threads(g), repeats)
-        t_kira = median_seconds(lambda b=sb: kira_threads(b), repeats)
+        fns: dict[str, Callable[[], object]] = {
+            "hand": lambda g=graph: handwritten_threads(g),
+            "kira": lambda b=sb: kira_threads(b),
+            "ahand": lambda g=graph: handwritten_async(g),
+            "akira": lambda b=ab: kira_async(b),
+        }
         try:
             assert dask_threaded(graph) == expected
-            t_dask: float | None = median_seconds(lambda g=graph: dask_threaded(g), repeats)
+            fns["dask"] = lambda g=graph: dask_threaded(g)
         except ImportError:
-            t_dask = None
-        t_ahand = median_seconds(lambda g=graph: handwritten_async(g), repeats)
-        t_akira = median_seconds(lambda b=ab: kira_async(b), repeats)
+            pass
+        medians = medians_in_turns(fns, repeats)
+        t_hand, t_kira, t_ahand, t_akira = (
+            medians["hand"],
+            medians["kira"],
+            medians["ahand"],
+            medians["akira"],
+        )
+        t_dask = medians.get("dask")
         print(f"{n:>8} {'hand-written threads':<22} {t_hand:>9.3f} {n / t_hand:>11,.0f} {'':>20}")
         print(
             f"{n:>8} {'kira.run_tasks':<22} {t_kira:>9.3f} {n / t_kira:>11,.0f} "

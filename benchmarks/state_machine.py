@@ -95,6 +95,19 @@ def median_seconds(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
+def medians_in_turns(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the functions taking turns: a slow spell of
+    the machine weighs on all of them alike, so their ratios hold."""
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def peak_bytes(fn: Callable[[], object]) -> int:
     gc.collect()
     tracemalloc.start()

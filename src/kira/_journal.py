@@ -3,9 +3,11 @@
 Every event a run emits is appended to the `events` table; results are stored
 with a codec (JSON by default, never pickle). The runner commits the events
 before it acts on them (before calling a callback, before starting a dependent),
-one transaction for everything that happened at once (group commit). `resume`
-replays the events through the state machine's own transitions, so a restored
-state obeys every rule a live one does.
+one transaction for everything recorded since the last one (group commit),
+written by a thread of its own. Intent records, committed ahead of time, let a
+branch start without a commit of its own (`record_intents`). `resume` replays
+the events through the state machine's own transitions, so a restored state
+obeys every rule a live one does.
 
 All sqlite3 errors are translated here, at the boundary, into `JournalError`.
 """
@@ -699,7 +701,11 @@ class Journal:
         return self.load(run_id).graph
 
     def events(self, run_id: str) -> list[Event]:
-        """A run's recorded events, in order (results decoded)."""
+        """A run's recorded events, in order (results decoded).
+
+        Only `Event` kinds: the journal's own intent records (see `record_intents`)
+        are left out.
+        """
         return [e for e in self.load(run_id).events if e.kind not in _INTERNAL]
 
 

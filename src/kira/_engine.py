@@ -205,6 +205,11 @@ class Engine:
         """From any thread: call `fn(*args)` in the scheduling thread."""
         raise NotImplementedError
 
+    def _deliver(self, fn: Callable[..., None], *args: Any) -> None:
+        """From any thread: call `fn(*args)` where scheduling may happen (by
+        default, `_post`: in the scheduling thread)."""
+        self._post(fn, *args)
+
     def _is_async(self, fn: Callable[..., Any]) -> bool:
         """`is_async(fn)`, remembered per callback (it is asked once per attempt)."""
         try:
@@ -286,7 +291,7 @@ class Engine:
         self._after_commit, self._next_commit = self._next_commit, []
         self._commit_busy = True
         if self._writer is None:
-            self._writer = _Writer(journal, self._post)
+            self._writer = _Writer(journal, self._deliver)
         self._writer.submit(rows, self._committed, names)
 
     def _committed(self, names: list[str], error: BaseException | None) -> None:

@@ -531,19 +531,6 @@ class Journal:
         except Exception as exc:
             raise CodecError(branch, value, exc) from exc
 
-    def record(self, event: Event, encoded: str | bytes | None = None) -> None:
-        """Buffer `event` (with its encoded result, for `applied`); `flush` commits."""
-        self.record_fields(
-            event.run_id,
-            event.kind,
-            event.branch,
-            event.at,
-            event.attempt,
-            event.error,
-            event.value,
-            encoded,
-        )
-
     def record_fields(
         self,
         run_id: str,
@@ -555,8 +542,8 @@ class Journal:
         value: Any,
         encoded: str | bytes | None = None,
     ) -> None:
-        """`record` without building an `Event` (the driver's path when only the
-        journal listens)."""
+        """Buffer an event, given by its fields (with the encoded result, for
+        `applied`); a group commit (`take`, then `commit`) writes it."""
         seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
         if kind in _META_VALUED and value is not None:
             encoded = json.dumps(value)
@@ -593,10 +580,6 @@ class Journal:
     def dirty(self) -> bool:
         """Whether events wait to be committed."""
         return bool(self._pending)
-
-    def flush(self) -> None:
-        """Commit every buffered event in one transaction (a group commit)."""
-        self.commit(self.take())
 
     def take(self) -> list[tuple[Any, ...]]:
         """The buffered rows, for `commit` (which may run in another thread)."""

@@ -275,26 +275,34 @@ class ThreadEngine(Engine):
             self._queue.put(_WAKE)
 
     def _report(self, message: tuple[Attempt, bool, Any]) -> None:
-        """A worker's attempt ended (in that worker's thread).
+        """A worker's attempt ended (in that worker's thread)."""
+        self._deliver(self._reported, message)
 
-        If nobody is scheduling and no report waits, the worker schedules
-        itself: it reports and starts what may start, so the job it submits is
-        usually the next one it takes, with no thread woken on the way. Otherwise
-        the report is queued for the run's thread.
+    def _reported(self, message: tuple[Attempt, bool, Any]) -> None:
+        self._handle(message)
+        self.pump()
+
+    def _deliver(self, fn: Callable[..., None], *args: Any) -> None:
+        """From any thread: call `fn(*args)` to schedule, here and now if nobody
+        is scheduling and nothing waits in the queue, else in the run's thread.
+
+        So a worker that finishes an attempt reports it and starts what may
+        start, and the job it submits is usually the next one it takes, with no
+        thread woken on the way; the journal's writer likewise releases what
+        waited for its commit and starts the next one.
         """
-        # (not past reports still queued: they are handled first, in order)
+        # (not past messages still queued: they are handled first, in order)
         if self.outcome is None and self._queue.empty() and self._lock.acquire(blocking=False):
             try:
                 if self.outcome is None:
-                    self._handle(message)
-                    self.pump()
+                    fn(*args)
                     return
-            except BaseException as exc:  # a bug: fail the run loudly, in its thread
+            except BaseException as exc:  # an error of the run: raised in its thread
                 self._queue.put(_Call(_reraise, (exc,)))
                 return
             finally:
                 self._lock.release()
-        self._queue.put(message)
+        self._queue.put(_Call(fn, args))
 
     # -- the loop ---------------------------------------------------------------------
 

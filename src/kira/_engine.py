@@ -16,6 +16,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import BrokenExecutor
 from contextvars import ContextVar
@@ -256,12 +257,12 @@ class Engine:
         """
         driver = self.driver
         outbox = driver.outbox
-        carry_out = self._carry_out
         journal = self.journal
         if journal is None:
-            while outbox:
-                carry_out(outbox.popleft())
+            if outbox:
+                self._carry_out_all(outbox)
             return
+        carry_out = self._carry_out
         while outbox:
             command = outbox.popleft()
             if type(command) is StartApply and command.covered:
@@ -312,6 +313,27 @@ class Engine:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def _carry_out_all(self, commands: deque[Command]) -> None:
+        """`_carry_out` each of `commands`, the commonest (a start) inline: the hot
+        path of a run without a journal."""
+        branches = self.state.branch_states
+        config = self.config
+        run_id = self.run_id
+        attempts = self.attempts
+        start = self._start
+        deps_for = self._deps
+        while commands:
+            command = commands.popleft()
+            if type(command) is StartApply:
+                name = command.name
+                branch = branches[name].branch
+                attempt = Attempt(APPLY, command.task_id, name, "apply")
+                attempt.info = AttemptInfo(run_id, name, "apply", command.attempt)
+                attempts[command.task_id] = attempt
+                start(attempt, branch.apply, (config, deps_for(command.deps)), branch.timeout)
+            else:
+                self._carry_out(command)
 
     def _carry_out(self, command: Command) -> None:
         branches = self.state.branch_states

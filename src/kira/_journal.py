@@ -692,10 +692,18 @@ class Journal:
         return [e for e in self.load(run_id).events if e.kind not in _INTERNAL]
 
 
-def open_journal(journal: Journal | str | os.PathLike[str]) -> tuple[Journal, bool]:
-    """The `Journal` for a `journal=` argument, and whether we opened it (and close it)."""
+def open_journal(
+    journal: Journal | str | os.PathLike[str], *, existing: bool = False
+) -> tuple[Journal, bool]:
+    """The `Journal` for a `journal=` argument, and whether we opened it (and close it).
+
+    With `existing`, a path where no file is raises `JournalError` rather than
+    create an empty journal (there is nothing to resume in it).
+    """
     if isinstance(journal, Journal):
         return journal, False
     if isinstance(journal, str | os.PathLike):
+        if existing and not Path(journal).exists():
+            raise JournalError(f"no journal at {journal}: nothing to resume there")
         return Journal(journal), True
     raise TypeError(f"journal must be a path or a kira.Journal, not {type(journal).__name__}")

@@ -68,7 +68,7 @@ def resume(
     """
     timeout = finite_or_none(timeout, "timeout")
     state = RuntimeState.create(config, branches, timeout)
-    recorder, owned = open_journal(journal)
+    recorder, owned = open_journal(journal, existing=True)
     try:
         record = recorder.load(run_id)
         _check_same_graph(record, state)

@@ -180,7 +180,18 @@ class RunLog:
             phase: Phase = "apply" if kind == "apply_started" else "unapply"
             if b.waits and b.waits[-1].end is None and b.waits[-1].phase == phase:
                 b.waits[-1].end = e.at
-            b.attempts.append(AttemptLog(phase, e.attempt, e.at))
+            attempt = AttemptLog(phase, e.attempt, e.at)
+            last = b.attempts[-1] if b.attempts else None
+            if (
+                last is not None
+                and last.end is None
+                and (last.phase, last.number) == (phase, e.attempt)
+                and e.attempt is not None
+            ):
+                # a resumed run making again the attempt its dead process left open
+                b.attempts[-1] = attempt
+            else:
+                b.attempts.append(attempt)
             if e.attempt is not None:  # None: a late value compensated, status unchanged
                 b.status = "applying" if phase == "apply" else "unapplying"
         elif kind in ("applied", "unapplied"):

@@ -72,6 +72,20 @@ def test_attempts_waits_and_progress_follow_the_events() -> None:
     assert [log.final_status(n) for n in "abcd"] == ["applied"] * 4
 
 
+def test_an_attempt_made_again_by_a_resume_counts_once_from_its_new_start() -> None:
+    # the process died during a's first attempt; the resume made attempt 1 again
+    log = record(
+        [
+            ev("apply_started", "a", 0, 1),
+            ev("apply_started", "a", 60, 1),
+            ev("applied", "a", 61, 1, value="A"),
+        ]
+    )
+    a = log.branches["a"]
+    assert [(x.number, x.start, x.outcome) for x in a.attempts] == [(1, at(60), "ok")]
+    assert a.count("apply") == 1 and a.seconds("apply") == 1.0
+
+
 def test_the_critical_path_is_the_longest_chain_of_apply_time() -> None:
     path, seconds = record(applied_run()).critical_path()
     assert path == ["b", "c", "d"]

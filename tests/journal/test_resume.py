@@ -695,3 +695,13 @@ def test_a_crash_while_unapplying_an_unrecordable_value_is_not_reported_as_clean
     assert isinstance(error, kira.RollbackIncomplete), f"{type(error).__name__}: {error}"
     assert "b" in (*error.still_applied, *error.abandoned)
     assert "unapply a" not in read_lines(resume_calls)
+
+
+def test_resume_from_a_journal_that_does_not_exist_says_so_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "missing.db"
+    branches = [kira.Branch("a", lambda config, deps: 1)]
+    with pytest.raises(kira.JournalError, match="no journal at .*missing.db"):
+        kira.resume("r1", None, branches, journal=missing)
+    assert not missing.exists()

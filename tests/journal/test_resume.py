@@ -702,6 +702,6 @@ def test_resume_from_a_journal_that_does_not_exist_says_so_and_creates_nothing(
 ) -> None:
     missing = tmp_path / "missing.db"
     branches = [kira.Branch("a", lambda config, deps: 1)]
-    with pytest.raises(kira.JournalError, match="no journal at .*missing.db"):
+    with pytest.raises(kira.JournalError, match=r"no journal at .*missing\.db"):
         kira.resume("r1", None, branches, journal=missing)
     assert not missing.exists()

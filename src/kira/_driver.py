@@ -498,9 +498,10 @@ class Driver:
 
     # -- journaling ahead ------------------------------------------------------------
 
-    def reserve(self) -> int:
+    def reserve(self, minimum: int = 1) -> int:
         """Record in the journal which branches may start next (call before a
-        commit); return how many were added.
+        commit); return how many were added. Adds none, without looking, when
+        fewer than `minimum` could be.
 
         Up to a lookahead of 8 x `max_workers` branches ready to apply but waiting
         for a free slot get an intent. Once `committed`, such a branch starts
@@ -508,7 +509,11 @@ class Driver:
         commits once per many starts, however few run at once.
         """
         intents = self._intents
-        if self._lookahead <= len(intents) or self.finished or self._journal is None:
+        # An intent is only given to a ready branch, and taken back when it starts
+        # (or at the rollback): so the ready ones without an intent are counted in
+        # O(1), and most calls, finding too few, cost no more than that.
+        fresh_at_most = min(self._lookahead, self.state.apply_ready_count()) - len(intents)
+        if fresh_at_most < max(minimum, 1) or self.finished or self._journal is None:
             return 0
         fresh = [n for n in self.state.first_apply_ready(self._lookahead) if n not in intents]
         if fresh:

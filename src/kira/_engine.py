@@ -255,25 +255,9 @@ class Engine:
         (`StartApply.covered`) waits for nothing: it is launched at once, and its
         own records go with a later commit.
         """
-        driver = self.driver
-        outbox = driver.outbox
-        journal = self.journal
-        if journal is None:
-            if outbox:
-                self._carry_out_all(outbox)
-            return
-        carry_out = self._carry_out
-        while outbox:
-            command = outbox.popleft()
-            if type(command) is StartApply and command.covered:
-                carry_out(command)
-            elif journal.dirty:
-                self._next_commit.append(command)
-            elif self._commit_busy:
-                self._after_commit.append(command)
-            else:
-                carry_out(command)  # its events are committed already
-        if not self._commit_busy:
+        if self.driver.outbox:
+            self._carry_out_all(self.driver.outbox)
+        if self.journal is not None and not self._commit_busy:
             self._commit()
 
     def _commit(self) -> None:
@@ -283,10 +267,13 @@ class Engine:
         journal, driver = self.journal, self.driver
         assert journal is not None
         if not self._next_commit and not (
-            journal.dirty and driver.intents_low() and 4 * driver.reserve() >= driver.lookahead
+            journal.dirty
+            and driver.intents_low()
+            and driver.reserve(quarter := driver.lookahead // 4) >= quarter
         ):
             return
-        driver.reserve()
+        # intents ride along, if enough are fresh to be worth looking them up
+        driver.reserve(max(1, driver.lookahead // 8))
         rows = journal.take()
         names = driver.take_reserved()
         self._after_commit, self._next_commit = self._next_commit, []
@@ -315,25 +302,33 @@ class Engine:
             self._writer = None
 
     def _carry_out_all(self, commands: deque[Command]) -> None:
-        """`_carry_out` each of `commands`, the commonest (a start) inline: the hot
-        path of a run without a journal."""
+        """`_carry_out` each of `commands` whose events are committed, or hold them
+        back until they are (see `pump`); the commonest command, a start that
+        waits for nothing, inline: the hot path of every run."""
         branches = self.state.branch_states
         config = self.config
         run_id = self.run_id
         attempts = self.attempts
+        journal = self.journal
         start = self._start
         deps_for = self._deps
         while commands:
             command = commands.popleft()
-            if type(command) is StartApply:
+            if type(command) is StartApply and (journal is None or command.covered):
                 name = command.name
                 branch = branches[name].branch
                 attempt = Attempt(APPLY, command.task_id, name, "apply")
                 attempt.info = AttemptInfo(run_id, name, "apply", command.attempt)
                 attempts[command.task_id] = attempt
                 start(attempt, branch.apply, (config, deps_for(command.deps)), branch.timeout)
-            else:
+            elif journal is None:
                 self._carry_out(command)
+            elif journal.dirty:
+                self._next_commit.append(command)
+            elif self._commit_busy:
+                self._after_commit.append(command)
+            else:
+                self._carry_out(command)  # its events are committed already
 
     def _carry_out(self, command: Command) -> None:
         branches = self.state.branch_states

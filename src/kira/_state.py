@@ -541,6 +541,10 @@ class RuntimeState:
         """
         return None if self._rolling_back else self._apply_ready.peek()
 
+    def apply_ready_count(self) -> int:
+        """How many branches are ready to apply (0 while rolling back): O(1)."""
+        return 0 if self._rolling_back else len(self._apply_ready)
+
     def first_apply_ready(self, k: int) -> list[str]:
         """Up to `k` branches ready to apply, first in definition order first (the
         order `next_apply_ready` gives them), without changing anything: O(k log k).

@@ -160,10 +160,12 @@ def test_first_apply_ready_is_the_order_starts_take() -> None:
     assert state.first_apply_ready(3) == ["z", "y", "w"]
     assert state.first_apply_ready(10) == ["z", "y", "w", "v"]
     assert state.first_apply_ready(0) == []
+    assert state.apply_ready_count() == 4
     state.mark_as_applying("y", 1)
     state.mark_as_applying("z", 2)
     state.mark_as_applied("z", 0)
     assert state.first_apply_ready(10) == ["x", "w", "v"]
+    assert state.apply_ready_count() == 3
     # it takes nothing: the starts come in that order
     order = []
     while (name := state.next_apply_ready()) is not None:
@@ -171,5 +173,7 @@ def test_first_apply_ready_is_the_order_starts_take() -> None:
         state.mark_as_applying(name, len(order) + 2)
     assert order == ["x", "w", "v"]
     state.mark_as_applied("x", 0)
+    assert state.apply_ready_count() == 0
     state.start_rollback()
     assert state.first_apply_ready(10) == []
+    assert state.apply_ready_count() == 0

@@ -58,6 +58,7 @@ def test_a_retry_far_in_the_future_is_given_up_when_another_branch_fails(run) ->
     gate = threading.Event()
 
     def far(config: object, deps: object, error: BaseException, attempt: int) -> object:
+        gate.set()  # waits' failure is recorded by now: fails fails after it
         return kira.RetryAfter(1e10)
 
     def later(config: object, deps: object) -> None:
@@ -65,7 +66,6 @@ def test_a_retry_far_in_the_future_is_given_up_when_another_branch_fails(run) ->
         raise ValueError("later")
 
     def first(config: object, deps: object) -> None:
-        gate.set()
         raise OSError("first")
 
     branches = [

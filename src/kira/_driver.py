@@ -249,7 +249,7 @@ class Driver:
         # name -> whether that record is committed yet.
         self._intents: dict[str, bool] = {}
         self._reserved: list[str] = []  # intents recorded since the last `take_reserved`
-        self._lookahead = 0 if journal is None else min(8 * self._limit, 1024)
+        self._lookahead = 0 if journal is None else min(16 * self._limit, 1024)
         self._in_flight = 0
         self._next_id = 0
         self._results: dict[str, Any] = {}
@@ -503,7 +503,7 @@ class Driver:
         commit); return how many were added. Adds none, without looking, when
         fewer than `minimum` could be.
 
-        Up to a lookahead of 8 x `max_workers` branches ready to apply but waiting
+        Up to a lookahead of 16 x `max_workers` branches ready to apply but waiting
         for a free slot get an intent. Once `committed`, such a branch starts
         without a commit of its own: its `StartApply` says `covered`. So a run
         commits once per many starts, however few run at once.

@@ -269,18 +269,18 @@ class Engine:
         if not self._next_commit and not (
             journal.dirty
             and driver.intents_low()
-            and driver.reserve(quarter := driver.lookahead // 4) >= quarter
+            and driver.reserve(enough := driver.lookahead // 8) >= enough
         ):
             return
         # intents ride along, if enough are fresh to be worth looking them up
-        driver.reserve(max(1, driver.lookahead // 8))
-        rows = journal.take()
+        driver.reserve(max(1, driver.lookahead // 16))
+        groups = journal.take()
         names = driver.take_reserved()
         self._after_commit, self._next_commit = self._next_commit, []
         self._commit_busy = True
         if self._writer is None:
             self._writer = _Writer(journal, self._deliver)
-        self._writer.submit(rows, self._committed, names)
+        self._writer.submit(groups, self._committed, names)
 
     def _committed(self, names: list[str], error: BaseException | None) -> None:
         """The writer thread's commit ended: carry out what waited for it."""
@@ -525,16 +525,16 @@ class _Writer:
         )
         self._thread.start()
 
-    def submit(self, rows: list[Any], done: Callable[..., None], names: list[str]) -> None:
-        self._jobs.put((rows, done, names))
+    def submit(self, groups: Any, done: Callable[..., None], names: list[str]) -> None:
+        self._jobs.put((groups, done, names))
 
     def _work(self, journal: Journal, post: Callable[..., None]) -> None:
         get = self._jobs.get
         while (job := get()) is not None:
-            rows, done, names = job
+            groups, done, names = job
             error: BaseException | None = None
             try:
-                journal.commit(rows)
+                journal.commit(groups)
             except BaseException as exc:  # reported to the run, which stops
                 error = exc
             post(done, names, error)

@@ -1,19 +1,21 @@
 """The journal: a run's transitions, recorded durably in SQLite, and replayed.
 
-Every event a run emits is appended to the `events` table; results are stored
-with a codec (JSON by default, never pickle). The runner commits the events
-before it acts on them (before calling a callback, before starting a dependent),
-one transaction for everything recorded since the last one (group commit),
-written by a thread of its own. Intent records, committed ahead of time, let a
-branch start without a commit of its own (`record_intents`). `resume` replays
-the events through the state machine's own transitions, so a restored state
-obeys every rule a live one does.
+Every event a run emits is recorded; results are stored with a codec (JSON by
+default, never pickle). The runner commits the events before it acts on them
+(before calling a callback, before starting a dependent), one transaction for
+everything recorded since the last one (group commit), written by a thread of its
+own. A group is one row of `event_groups`, its events one JSON array: a row per
+event cost SQLite, and the GIL while its columns were bound, several times more.
+Intent records, committed ahead of time, let a branch start without a commit of
+its own (`record_intents`). `resume` replays the events through the state
+machine's own transitions, so a restored state obeys every rule a live one does.
 
 All sqlite3 errors are translated here, at the boundary, into `JournalError`.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -24,9 +26,10 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol, final
 
@@ -34,7 +37,7 @@ from ._branch import Branch
 from ._errors import KiraError
 from ._events import Event
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LEASE_SECONDS = 30.0
 
 
@@ -162,25 +165,23 @@ def _utc(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def _encode_error(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
+def _error_record(error: BaseException) -> dict[str, str]:
+    """What the journal keeps of an exception: type, message, traceback text."""
     if isinstance(error, RestoredError):
-        return json.dumps(
-            {"type": error.type_name, "message": error.message, "traceback": error.traceback}
-        )
+        return {"type": error.type_name, "message": error.message, "traceback": error.traceback}
     kind = type(error)
     text = "".join(traceback.format_exception(error))[-8000:]
-    return json.dumps(
-        {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(error), "traceback": text}
-    )
+    return {
+        "type": f"{kind.__module__}.{kind.__qualname__}",
+        "message": str(error),
+        "traceback": text,
+    }
 
 
-def _decode_error(text: str | None) -> BaseException | None:
-    if text is None:
+def _restore_error(record: dict[str, str] | None) -> BaseException | None:
+    if record is None:
         return None
-    data = json.loads(text)
-    return RestoredError(data["type"], data["message"], data.get("traceback", ""))
+    return RestoredError(record["type"], record["message"], record.get("traceback", ""))
 
 
 _SCHEMA_V1 = """
@@ -210,6 +211,22 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
+# Schema 2: a group commit is one row, its events a JSON array of
+# [seq, kind, branch, at (POSIX seconds), attempt, error, value], where error is
+# {"type", "message", "traceback"} or null, and value is, for `applied`, the
+# codec's text (or {"base64": ...} for its bytes), for the kinds below a plain
+# JSON value, else null. `applied` counts the group's `applied` events.
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS event_groups (
+    run_id TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    applied INTEGER NOT NULL,
+    events TEXT NOT NULL,
+    PRIMARY KEY (run_id, first_seq)
+) WITHOUT ROWID;
+"""
+
 # events whose `value` is a small plain value worth keeping (a delay, a phase, a reason)
 _META_VALUED = frozenset(
     {
@@ -226,31 +243,66 @@ _META_VALUED = frozenset(
 # a start needs no commit of its own) and "it will not, after all" (at a rollback).
 INTENT, WITHDRAWN = "apply_intent", "apply_withdrawn"
 _INTERNAL = frozenset({INTENT, WITHDRAWN})
+_GROUP_LIMIT = 1000  # events per group row when migrating (reads stay incremental)
 
-_INSERTS: dict[int, str] = {}
-
-
-def _insert(rows: int) -> str:
-    """The statement inserting `rows` events at once."""
-    sql = _INSERTS.get(rows)
-    if sql is None:
-        sql = _INSERTS[rows] = "INSERT INTO events VALUES " + ",".join(
-            ["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows
-        )
-    return sql
+_kind_of = itemgetter(1)
+# our own plain values only: no NaN, no cycles to look for
+_compact_json = json.JSONEncoder(
+    allow_nan=False, check_circular=False, separators=(",", ":")
+).encode
 
 
-def _parameters(rows: list[tuple[Any, ...]]) -> list[Any]:
-    """The rows' values, flat, with their times as ISO text."""
-    flat: list[Any] = []
-    extend = flat.extend
-    for run_id, seq, kind, branch, at, attempt, error, value in rows:
-        extend((run_id, seq, kind, branch, at.isoformat(), attempt, error, value))
-    return flat
+def _insert_group(db: sqlite3.Connection, run_id: str, events: list[tuple[Any, ...]]) -> None:
+    """One statement: the events (in their stored form, in order) as one group."""
+    db.execute(
+        "INSERT INTO event_groups VALUES (?, ?, ?, ?, ?)",
+        (
+            run_id,
+            events[0][0],
+            events[-1][0],
+            list(map(_kind_of, events)).count("applied"),
+            _compact_json(events),
+        ),
+    )
 
 
-# version -> SQL that migrates from the version before it
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+def _migrate_to_v2(db: sqlite3.Connection) -> None:
+    """Schema 1 kept a row per event (`events`): regroup them, then drop it."""
+    db.execute(_SCHEMA_V2)
+    runs = [r[0] for r in db.execute("SELECT DISTINCT run_id FROM events ORDER BY run_id")]
+    for run_id in runs:
+        events = []
+        for seq, kind, branch, at, attempt, error, value in db.execute(
+            "SELECT seq, kind, branch, at, attempt, error, value FROM events "
+            "WHERE run_id=? ORDER BY seq",
+            (run_id,),
+        ):
+            if kind == "applied":
+                stored = _stored_result(value)
+            elif value is not None and (kind in _META_VALUED or kind in _INTERNAL):
+                stored = json.loads(value)
+            else:
+                stored = None
+            record = json.loads(error) if error is not None else None
+            events.append((seq, kind, branch, _utc(at).timestamp(), attempt, record, stored))
+        for start in range(0, len(events), _GROUP_LIMIT):
+            _insert_group(db, run_id, events[start : start + _GROUP_LIMIT])
+    db.execute("DROP TABLE events")
+
+
+def _stored_result(encoded: str | bytes | None) -> Any:
+    """A codec's output as it goes into a group's JSON."""
+    if isinstance(encoded, bytes | bytearray | memoryview):
+        return {"base64": base64.b64encode(encoded).decode("ascii")}
+    return encoded
+
+
+# version -> what migrates from the version before it: SQL, or a function of the
+# connection (within the migration's transaction)
+_MIGRATIONS: dict[int, str | Callable[[sqlite3.Connection], None]] = {
+    1: _SCHEMA_V1,
+    2: _migrate_to_v2,
+}
 
 
 @final
@@ -289,13 +341,13 @@ class Journal:
         self.durable = durable
         self.flow = flow
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._pending: list[tuple[Any, ...]] = []
+        # run id -> its events since the last `take`, as they go into a group
+        self._pending: dict[str, list[tuple[Any, ...]]] = {}
         self._seq: dict[str, int] = {}
         self._run_id: str | None = None
         crash = os.environ.get("KIRA_TEST_CRASH_AT")
         self._crash_at = int(crash) if crash else 0  # test hook: SIGKILL after event n
         self._recorded = 0
-        self._chunk = 1
         # one transaction at a time: runners commit from a writer thread
         self._lock = threading.RLock()
         with self._errors("open"):
@@ -314,9 +366,6 @@ class Journal:
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
-            # rows per INSERT: within SQLite's limit on parameters (8 per row)
-            limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-            self._chunk = max(1, min(limit // 8, 1000))
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._migrate()
@@ -383,10 +432,14 @@ class Journal:
             version += 1
             db.execute("BEGIN IMMEDIATE")
             try:
-                # statement by statement: executescript would commit what is pending
-                for statement in _MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                migration = _MIGRATIONS[version]
+                if callable(migration):
+                    migration(db)
+                else:
+                    # statement by statement: executescript would commit what is pending
+                    for statement in migration.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -425,7 +478,7 @@ class Journal:
 
     def begin_run(self, run_id: str, branches: Sequence[Branch]) -> None:
         """Record a new run and take ownership of it."""
-        graph = json.dumps([[b.name, list(b.dependencies)] for b in branches])
+        graph = _compact_json([(b.name, b.dependencies) for b in branches])
         now = datetime.now(UTC).isoformat()
         with self._transaction("start a run") as db:
             if db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
@@ -493,7 +546,9 @@ class Journal:
         return False
 
     def _event_seqs(self, run_id: str) -> Iterable[int]:
-        row = self._db.execute("SELECT MAX(seq) FROM events WHERE run_id=?", (run_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT MAX(last_seq) FROM event_groups WHERE run_id=?", (run_id,)
+        ).fetchone()
         return [row[0]] if row and row[0] is not None else []
 
     def renew(self) -> None:
@@ -545,18 +600,24 @@ class Journal:
         """Buffer an event, given by its fields (with the encoded result, for
         `applied`); a group commit (`take`, then `commit`) writes it."""
         seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
-        if kind in _META_VALUED and value is not None:
-            encoded = json.dumps(value)
-        self._pending.append(
+        if kind in _META_VALUED:
+            stored = value  # a delay, a phase, a reason: plain JSON
+        elif type(encoded) is str or encoded is None:
+            stored = encoded
+        else:
+            stored = _stored_result(encoded)
+        rows = self._pending.get(run_id)
+        if rows is None:
+            rows = self._pending[run_id] = []
+        rows.append(
             (
-                run_id,
                 seq,
                 kind,
                 branch,
-                at,  # made text in the writer thread, off the scheduling thread
+                at.timestamp(),
                 attempt,
-                None if error is None else _encode_error(error),
-                encoded,
+                None if error is None else _error_record(error),
+                stored,
             )
         )
 
@@ -573,62 +634,71 @@ class Journal:
         if not names:
             return
         seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
-        at = datetime.now(UTC)
-        self._pending.append((run_id, seq, kind, None, at, 1, None, json.dumps(list(names))))
+        self._pending.setdefault(run_id, []).append(
+            (seq, kind, None, time.time(), 1, None, list(names))
+        )
 
     @property
     def dirty(self) -> bool:
         """Whether events wait to be committed."""
         return bool(self._pending)
 
-    def take(self) -> list[tuple[Any, ...]]:
-        """The buffered rows, for `commit` (which may run in another thread)."""
-        rows, self._pending = self._pending, []
-        return rows
+    def take(self) -> dict[str, list[tuple[Any, ...]]]:
+        """The buffered events by run, for `commit` (which may run in another thread)."""
+        groups, self._pending = self._pending, {}
+        return groups
 
-    def commit(self, rows: list[tuple[Any, ...]]) -> None:
-        """Commit `rows` (from `take`) in one transaction (a group commit)."""
-        if not rows:
-            return
+    def commit(self, groups: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Commit `groups` (from `take`) in one transaction (a group commit)."""
         crash_now = False
         if self._crash_at:
-            rows, crash_now = self._rows_before_crash(rows)
-        # Only the events (the lease is renewed by a timer, the applied count read
-        # from events), and in as few statements as possible: sqlite3 lets go of
+            groups, crash_now = self._events_before_crash(groups)
+        groups = {run_id: events for run_id, events in groups.items() if events}
+        if not groups:
+            return
+        # Only the events (the lease is renewed by a timer, the applied count kept
+        # in the groups), and in as few statements as possible: sqlite3 lets go of
         # the GIL around each one, and taking it back behind a busy scheduling
         # thread can cost a switch interval (5 ms) each time. A single statement
         # is its own transaction.
-        last = rows[-1]
-        finishing = last[2] == "run_finished"
-        chunk = self._chunk
-        if len(rows) <= chunk and not finishing:
+        finished = {
+            run_id: events[-1][6] or "finished"
+            for run_id, events in groups.items()
+            if events[-1][1] == "run_finished"
+        }
+        if len(groups) == 1 and not finished:
+            ((run_id, events),) = groups.items()
             with self._lock, self._errors("record events"):
-                self._db.execute(_insert(len(rows)), _parameters(rows))
+                _insert_group(self._db, run_id, events)
         else:
             with self._transaction("record events") as db:
-                for start in range(0, len(rows), chunk):
-                    part = rows[start : start + chunk]
-                    db.execute(_insert(len(part)), _parameters(part))
-                if finishing:
-                    state = json.loads(last[7]) if last[7] is not None else "finished"
+                for run_id, events in groups.items():
+                    _insert_group(db, run_id, events)
+                for run_id, state in finished.items():
                     db.execute(
                         "UPDATE runs SET state=?, updated_at=?, owner=NULL, lease_until=NULL "
                         "WHERE run_id=?",
-                        (state, datetime.now(UTC).isoformat(), last[0]),
+                        (state, datetime.now(UTC).isoformat(), run_id),
                     )
         if crash_now:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _rows_before_crash(self, rows: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], bool]:
-        """The test hook: keep the rows up to the `_crash_at`-th event (intents and
+    def _events_before_crash(
+        self, groups: dict[str, list[tuple[Any, ...]]]
+    ) -> tuple[dict[str, list[tuple[Any, ...]]], bool]:
+        """The test hook: keep the events up to the `_crash_at`-th (intents and
         withdrawals are not counted), and say whether to die after committing them."""
-        for index, row in enumerate(rows):
-            if row[2] in _INTERNAL:
-                continue
-            self._recorded += 1
-            if self._recorded == self._crash_at:
-                return rows[: index + 1], True
-        return rows, False
+        kept: dict[str, list[tuple[Any, ...]]] = {}
+        for run_id, events in groups.items():
+            for index, event in enumerate(events):
+                if event[1] in _INTERNAL:
+                    continue
+                self._recorded += 1
+                if self._recorded == self._crash_at:
+                    kept[run_id] = events[: index + 1]
+                    return kept, True
+            kept[run_id] = events
+        return kept, False
 
     # -- reading -------------------------------------------------------------------------
 
@@ -641,28 +711,36 @@ class Journal:
             if row is None:
                 raise JournalError(f"journal {self.path} holds no run {run_id!r}")
             flow, graph_text, state = row
-            rows = self._db.execute(
-                "SELECT kind, branch, at, attempt, error, value FROM events "
-                "WHERE run_id=? ORDER BY seq",
-                (run_id,),
+            texts = self._db.execute(
+                "SELECT events FROM event_groups WHERE run_id=? ORDER BY first_seq", (run_id,)
             ).fetchall()
         events = []
-        for kind, branch, at, attempt, error, value in rows:
-            if kind == "applied":
-                try:
-                    decoded = self.codec.loads(value) if value is not None else None
-                except Exception as exc:
-                    raise JournalError(
-                        f"journal {self.path}: the result of branch {branch!r} in run "
-                        f"{run_id!r} cannot be decoded by {type(self.codec).__name__}: {exc}"
-                    ) from exc
-            elif value is not None and isinstance(value, str):
-                decoded = json.loads(value)
-            else:
-                decoded = value
-            events.append(
-                Event(run_id, kind, branch, _utc(at), attempt, _decode_error(error), decoded)
-            )
+        loads, codec = json.loads, self.codec
+        for (text,) in texts:
+            for _seq, kind, branch, at, attempt, error, stored in loads(text):
+                value = stored
+                if kind == "applied" and stored is not None:
+                    try:
+                        data = (
+                            base64.b64decode(stored["base64"]) if type(stored) is dict else stored
+                        )
+                        value = codec.loads(data)
+                    except Exception as exc:
+                        raise JournalError(
+                            f"journal {self.path}: the result of branch {branch!r} in run "
+                            f"{run_id!r} cannot be decoded by {type(codec).__name__}: {exc}"
+                        ) from exc
+                events.append(
+                    Event(
+                        run_id,
+                        kind,
+                        branch,
+                        datetime.fromtimestamp(at, UTC),
+                        attempt,
+                        _restore_error(error),
+                        value,
+                    )
+                )
         graph = [(name, tuple(deps)) for name, deps in json.loads(graph_text)]
         return _RunRecord(run_id, flow, graph, state, events)
 
@@ -671,7 +749,8 @@ class Journal:
         with self._lock, self._errors("list runs"):
             rows = self._db.execute(
                 "SELECT r.run_id, r.flow, r.created_at, r.state, "
-                "(SELECT COUNT(*) FROM events e WHERE e.run_id = r.run_id AND e.kind = 'applied'), "
+                "(SELECT COALESCE(SUM(g.applied), 0) FROM event_groups g "
+                "WHERE g.run_id = r.run_id), "
                 "r.total FROM runs r ORDER BY r.created_at, r.run_id"
             ).fetchall()
         return [

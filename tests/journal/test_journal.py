@@ -4,6 +4,7 @@ unpickling; run ids; `Journal.runs` / `Journal.events`; `current_attempt`."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import multiprocessing
@@ -15,7 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +123,134 @@ def test_a_journal_from_a_newer_schema_version_is_refused(tmp_path: Path) -> Non
         assert db.execute("SELECT value FROM kira_meta").fetchall() == [("99",)]
 
 
+# What kira wrote with schema 1 (a row per event), verbatim.
+_SCHEMA_1 = """
+CREATE TABLE kira_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, flow TEXT, graph TEXT NOT NULL, total INTEGER NOT NULL,
+    state TEXT NOT NULL, applied INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL, owner TEXT, lease_until REAL
+);
+CREATE TABLE events (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, branch TEXT,
+    at TEXT NOT NULL, attempt INTEGER, error TEXT, value, PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+INSERT INTO kira_meta VALUES ('schema_version', '1');
+"""
+
+
+def _schema_1_journal(path: Path) -> None:
+    """A schema-1 journal: "done", finished after a retry, and "cut", whose process
+    died with a applied and b not started."""
+    error = json.dumps({"type": "builtins.OSError", "message": "flaky", "traceback": "tb"})
+    t = "2026-11-30T10:00:00.{:06d}+00:00".format
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executescript(_SCHEMA_1)
+        db.executemany(
+            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+            [
+                ("done", "f.py", '[["x", []]]', 1, "applied", t(1), t(9), None, None),
+                (
+                    "cut",
+                    None,
+                    '[["a", []], ["b", ["a"]]]',
+                    2,
+                    "running",
+                    t(2),
+                    t(2),
+                    "gone.invalid:1:dead",
+                    1.0,
+                ),
+            ],
+        )
+        db.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                ("done", 1, "apply_started", "x", t(10), 1, None, None),
+                ("done", 2, "apply_failed", "x", t(11), 1, error, None),
+                ("done", 3, "retry_scheduled", "x", t(12), 2, None, "0.5"),
+                ("done", 4, "apply_started", "x", t(13), 2, None, None),
+                ("done", 5, "applied", "x", t(14), 2, None, '{"k": [5]}'),
+                ("done", 6, "run_finished", None, t(15), None, None, '"applied"'),
+                ("cut", 1, "apply_intent", None, t(20), 1, None, '["a"]'),
+                ("cut", 2, "apply_started", "a", t(21), 1, None, None),
+                ("cut", 3, "applied", "a", t(22), 1, None, "1"),
+            ],
+        )
+
+
+def test_a_schema_1_journal_is_migrated_and_its_runs_carry_on(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    _schema_1_journal(path)
+    calls: list[str] = []
+
+    def call(name: str, value: Any) -> Any:
+        return lambda config, deps: calls.append(name) or value + sum(deps.values())
+
+    with kira.Journal(path) as journal:
+        events = journal.events("done")
+        summaries = [(r.run_id, r.state, r.applied, r.total) for r in journal.runs()]
+    assert [(e.kind, e.branch, e.attempt, e.value) for e in events] == [
+        ("apply_started", "x", 1, None),
+        ("apply_failed", "x", 1, None),
+        ("retry_scheduled", "x", 2, 0.5),
+        ("apply_started", "x", 2, None),
+        ("applied", "x", 2, {"k": [5]}),
+        ("run_finished", None, None, "applied"),
+    ]
+    assert [e.at for e in events] == [
+        datetime(2026, 11, 30, 10, 0, 0, us, tzinfo=UTC) for us in range(10, 16)
+    ]
+    failure = events[1].error
+    assert isinstance(failure, kira.RestoredError)
+    assert (failure.type_name, failure.message, failure.traceback) == (
+        "builtins.OSError",
+        "flaky",
+        "tb",
+    )
+    assert summaries == [("done", "applied", 1, 1), ("cut", "running", 1, 2)]
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT value FROM kira_meta").fetchall() == [("2",)]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == {"kira_meta", "runs", "event_groups"}
+
+    # a finished run keeps its outcome; the cut one carries on from where it was
+    assert kira.resume("done", None, [kira.Branch("x", call("x", 0))], journal=path) == {
+        "x": {"k": [5]}
+    }
+    branches = [kira.Branch("a", call("a", 1)), kira.Branch("b", call("b", 1), ["a"])]
+    assert kira.resume("cut", None, branches, journal=path) == {"a": 1, "b": 2}
+    assert calls == ["b"]  # a's recorded result stood; x was not run again
+    with kira.Journal(path) as journal:
+        kinds = [(e.kind, e.branch) for e in journal.events("cut")]
+    assert kinds == [
+        ("apply_started", "a"),
+        ("applied", "a"),
+        ("apply_started", "b"),
+        ("applied", "b"),
+        ("run_finished", None),
+    ]
+
+
+def test_event_times_come_back_from_the_journal_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    live: list[kira.Event] = []
+    branches = [kira.Branch(f"b{i}", _const(i), [f"b{i - 1}"] if i else []) for i in range(50)]
+    kira.run_tasks(None, branches, journal=path, run_id="t", on_event=live.append)
+    with kira.Journal(path) as journal:
+        stored = journal.events("t")
+    assert [(e.kind, e.branch, e.at) for e in stored] == [(e.kind, e.branch, e.at) for e in live]
+
+
 def test_a_new_journal_records_the_schema_version(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "dir" / "journal.db"  # the folder is created
     kira.Journal(path).close()
     with closing(sqlite3.connect(path)) as db:
         rows = db.execute("SELECT key, value FROM kira_meta").fetchall()
-        assert rows == [("schema_version", "1")]
+        assert rows == [("schema_version", "2")]
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == {"kira_meta", "runs", "event_groups"}  # schema 1's `events` is gone
 
 
 def test_a_locked_journal_gives_a_journal_error_saying_so(tmp_path: Path) -> None:
@@ -369,12 +491,34 @@ def _journal_with_pickled_value(tmp_path: Path) -> tuple[Path, Path, list[kira.B
     marker = tmp_path / "pickle-was-loaded"
     branches = [kira.Branch("a", _const(1)), kira.Branch("b", _const(2), ["a"])]
     kira.run_tasks(None, branches, journal=path, run_id="p")
+    # a's result replaced by pickled bytes, stored as a bytes-producing codec would
+    pickled = {"base64": base64.b64encode(pickle.dumps(_Booby(marker))).decode()}
     with closing(sqlite3.connect(path)) as db, db:
-        db.execute(
-            "UPDATE events SET value=? WHERE run_id='p' AND kind='applied' AND branch='a'",
-            (pickle.dumps(_Booby(marker)),),
-        )
+        groups = db.execute("SELECT first_seq, events FROM event_groups WHERE run_id='p'")
+        for first_seq, text in groups.fetchall():
+            events = json.loads(text)
+            for event in events:
+                if event[1] == "applied" and event[2] == "a":
+                    event[6] = pickled
+            db.execute(
+                "UPDATE event_groups SET events=? WHERE run_id='p' AND first_seq=?",
+                (json.dumps(events), first_seq),
+            )
+    with kira.Journal(path, codec=BytesCodec()) as journal:  # the bytes really are there
+        applied = [e.value for e in journal.events("p") if e.kind == "applied"]
+    assert applied[0] == pickle.dumps(_Booby(marker))
+    assert not marker.exists()
     return path, marker, branches
+
+
+class BytesCodec:
+    """Gives the stored bytes back as they are."""
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(value).encode()
+
+    def loads(self, data: str | bytes) -> Any:
+        return data
 
 
 def test_a_pickled_value_is_never_unpickled(tmp_path: Path) -> None:

@@ -79,12 +79,17 @@ def _diamond(counter: Counter, fail: str | None = None) -> list[kira.Branch]:
 
 
 def _raw_events(path: Path, run_id: str = RUN_ID) -> list[tuple[Any, ...]]:
+    """(seq, kind, branch, attempt, at, error, value) of every stored event, read
+    from the file itself (intents included)."""
     with closing(sqlite3.connect(path)) as db:
-        return db.execute(
-            "SELECT seq, kind, branch, attempt, at, error, value FROM events "
-            "WHERE run_id=? ORDER BY seq",
-            (run_id,),
+        groups = db.execute(
+            "SELECT events FROM event_groups WHERE run_id=? ORDER BY first_seq", (run_id,)
         ).fetchall()
+    return [
+        (seq, kind, branch, attempt, at, json.dumps(error), json.dumps(value))
+        for (text,) in groups
+        for seq, kind, branch, at, attempt, error, value in json.loads(text)
+    ]
 
 
 def _run_row(path: Path, run_id: str = RUN_ID) -> tuple[Any, ...]:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-dev
 CLI_STAMP := $(VENV)/.installed-cli
 DEMO_DB := demo-trip.db
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit graphviz bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,21 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# `kira graph --output` renders through Graphviz, and its test needs the real
+# `dot`: installed here where that can be done unattended (root on Debian)
+graphviz:
+	@command -v dot >/dev/null 2>&1 || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	        echo "installing Graphviz (apt-get install graphviz) for the rendering test"; \
+	        apt-get update -qq && apt-get install -y -qq graphviz >/dev/null; \
+	    else \
+	        echo "make test needs Graphviz's dot on PATH: apt-get install graphviz" \
+	            "(Debian, Ubuntu), brew install graphviz (macOS)"; \
+	        exit 1; \
+	    fi; }
+
 # `timeout`: pytest-timeout guards each test, not the interpreter's exit
-unit: $(STAMP)
+unit: $(STAMP) graphviz
 	timeout --kill-after=30 1500 $(BIN)/python -m pytest -q
 
 test: lint typecheck unit

@@ -1024,7 +1024,11 @@ def _open_journal(path: str, flow: str | None = None, *, create: bool = False) -
     if not create and not Path(path).exists():
         raise FlowError(f"no journal at {path} (give its path with --journal FILE)")
     try:
-        return kira.Journal(path, flow=flow, readonly=not create and flow is None)
+        # read-only only where it must be: opened writable, an older journal is
+        # migrated (reading alone writes nothing)
+        writable = os.access(path, os.W_OK) and os.access(Path(path).parent, os.W_OK)
+        readonly = not create and flow is None and not writable
+        return kira.Journal(path, flow=flow, readonly=readonly)
     except kira.JournalError as exc:
         raise FlowError(str(exc)) from exc
 

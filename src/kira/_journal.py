@@ -390,7 +390,8 @@ class Journal:
             ) from exc
 
     def _check_version(self) -> None:
-        """For a read-only journal: refuse what is not a journal, or a newer one."""
+        """For a read-only journal: refuse what is not a journal, or one of another
+        schema version (an older one is migrated by opening it writable)."""
         row = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='kira_meta'"
         ).fetchone()
@@ -403,6 +404,12 @@ class Journal:
             raise JournalError(
                 f"journal {self.path} has schema version {version}, newer than this kira "
                 f"supports ({SCHEMA_VERSION}): upgrade kira to read it"
+            )
+        if int(version) < SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} has schema version {version}, from an older kira: "
+                "open it once without readonly=True (any kira command that writes it "
+                "does) to migrate it, then read it"
             )
 
     def _migrate(self) -> None:

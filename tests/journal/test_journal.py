@@ -11,6 +11,8 @@ import multiprocessing
 import os
 import pickle
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -230,6 +232,40 @@ def test_a_schema_1_journal_is_migrated_and_its_runs_carry_on(tmp_path: Path) ->
         ("applied", "b"),
         ("run_finished", None),
     ]
+
+
+def test_a_schema_1_journal_opened_read_only_says_how_to_migrate_it(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    _schema_1_journal(path)
+    with pytest.raises(kira.JournalError) as caught:
+        kira.Journal(path, readonly=True)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "schema version 1" in message
+    assert "readonly=True" in message
+    with closing(sqlite3.connect(path)) as db:  # untouched
+        assert db.execute("SELECT value FROM kira_meta").fetchall() == [("1",)]
+
+
+def test_kira_runs_and_show_migrate_a_schema_1_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    _schema_1_journal(path)
+    command = [sys.executable, "-m", "kira"]
+    runs = subprocess.run(
+        [*command, "runs", "--journal", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert runs.returncode == 0, runs.stderr
+    assert "done" in runs.stdout and "cut" in runs.stdout
+    show = subprocess.run(
+        [*command, "show", "done", "--journal", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert show.returncode == 0, show.stderr
+    assert "flaky" in show.stdout  # the recorded error
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT value FROM kira_meta").fetchall() == [("2",)]
 
 
 def test_event_times_come_back_from_the_journal_exactly(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ plain line-per-event output stands in when it is missing.
 Exit status: 0 applied, 1 rolled back, 2 rollback incomplete, 3 invalid graph,
 flow or command line (nothing ran), 130 interrupted (after the rollback), 70 an
 unexpected error (a bug: the traceback is printed), so that no crash can pass for
-one of the outcomes above.
+one of the outcomes above. `kira show` exits with the shown run's status, 4 for a
+run not finished.
 
 To add a subcommand, write `_add_NAME(subparsers)` that registers its options and
 sets `handler=` to a function `(args) -> int`, and list it in `COMMANDS`.
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +49,7 @@ EXIT_APPLIED = 0
 EXIT_ROLLED_BACK = 1
 EXIT_INCOMPLETE = 2
 EXIT_INVALID = 3
+EXIT_NOT_FINISHED = 4  # kira show: a run recorded as still running
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 EXIT_BUG = 70  # EX_SOFTWARE from sysexits.h
 
@@ -637,7 +640,7 @@ def _verdict(
     if status == EXIT_APPLIED:
         return f"applied: all {runlog.total} branches{took} (run {runlog.run_id})", "bold green"
     if isinstance(outcome, kira.RolledBack):
-        return f"rolled back{took}{why}.{unapplied}", "bold yellow"
+        return f"rolled back{took}{why}.{unapplied} (run {runlog.run_id})", "bold yellow"
     return f"finished with status {status}", ""
 
 
@@ -694,7 +697,8 @@ def _add_run(subparsers: Any) -> None:
         help="run a flow's branches, with a live display and a summary",
         description=(
             "Run the branches FLOW defines. Exit status: 0 applied, 1 rolled back, "
-            "2 rollback incomplete, 3 invalid graph, flow or command line, 130 interrupted."
+            "2 rollback incomplete, 3 invalid graph, flow, journal or command line, "
+            "130 interrupted."
         ),
     )
     _add_flow_argument(p)
@@ -742,9 +746,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     journal = _open_journal(args.journal, flow.label, create=True) if args.journal else None
     run_id = uuid.uuid4().hex[:12]
     if journal is not None:
+        again = shlex.join(
+            ["kira", "resume", run_id, args.flow, "--journal", str(args.journal)]
+            + [part for pair in args.set for part in ("--set", pair)]
+        )
         print(
-            f"kira: run {run_id}, recorded in {args.journal}; if this process dies: "
-            f"kira resume {run_id} {args.flow} --journal {args.journal}",
+            f"kira: run {run_id}, recorded in {args.journal}; if this process dies: {again}",
             file=sys.stderr,
             flush=True,
         )
@@ -791,7 +798,8 @@ def drive(
         view = _RichView(rich, console, runlog, flow.label, args.debug)
     else:
         view = _PlainView(sys.stdout, runlog, args.debug)
-        print(f"kira: running {flow.label} ({_plural(len(flow.branches), 'branch')})", flush=True)
+        doing = f"resuming run {args.run_id} of" if getattr(args, "run_id", None) else "running"
+        print(f"kira: {doing} {flow.label} ({_plural(len(flow.branches), 'branch')})", flush=True)
 
     def on_event(event: kira.Event) -> None:
         runlog.record(event)
@@ -820,13 +828,17 @@ def drive(
         outcome = exc.__cause__ if isinstance(exc.__cause__, kira.RunFailed) else exc
     finally:
         view.stop()
+    wrote = ""
     if args.timeline:
         try:
             Path(args.timeline).write_text(render_timeline(runlog, flow.label), encoding="utf-8")
+            wrote = f"wrote {args.timeline}"
         except OSError as exc:
             print(f"kira: could not write the timeline: {exc}", file=sys.stderr)
     try:
         _print_summary(sys.stdout, console, runlog, outcome, status, interrupted)
+        if wrote:
+            print(wrote, flush=True)
     except BrokenPipeError:
         _silence_stdout()
     return status
@@ -1065,7 +1077,15 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _add_show(subparsers: Any) -> None:
-    p = subparsers.add_parser("show", help="show a recorded run: branch states, attempts, errors")
+    p = subparsers.add_parser(
+        "show",
+        help="show a recorded run: branch states, attempts, errors",
+        description=(
+            "Show a recorded run. Exit status: the run's own (0 applied, 1 rolled back, "
+            "2 rollback incomplete), 4 not finished (recorded as running), 3 no such run "
+            "or journal."
+        ),
+    )
     p.add_argument("run_id", metavar="RUN_ID")
     _add_journal_option(p)
     p.add_argument(
@@ -1109,7 +1129,21 @@ def _cmd_show(args: argparse.Namespace) -> int:
                 f"  {e.at:%H:%M:%S.%f} {e.branch} {e.kind.split('_')[0]} #{e.attempt}: "
                 f"{_describe_error(e.error)}"
             )
-    return {"applied": 0, "rolled_back": 1, "rollback_incomplete": 2}.get(summary.state, 0)
+    if args.timeline:
+        print(f"\nwrote {args.timeline}")
+    if summary.state == "running":
+        print(
+            "\nnot finished: its process is running it still, or died "
+            f"(then: kira resume {args.run_id} FLOW --journal {args.journal})"
+        )
+    return _SHOW_STATUS.get(summary.state, EXIT_NOT_FINISHED)
+
+
+_SHOW_STATUS = {
+    "applied": EXIT_APPLIED,
+    "rolled_back": EXIT_ROLLED_BACK,
+    "rollback_incomplete": EXIT_INCOMPLETE,
+}
 
 
 def _recorded(config: object, deps: object) -> None:

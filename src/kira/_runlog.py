@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeAlias
 
-from kira import Branch, Event  # the public API only, like the rest of the CLI
+from kira import Branch, Event, RestoredError  # the public API only, like the rest of the CLI
 
 Phase: TypeAlias = Literal["apply", "unapply"]
 Outcome: TypeAlias = Literal["running", "ok", "failed"]
@@ -318,9 +318,12 @@ def _topological(branches: Iterable[BranchLog]) -> list[str]:
 
 
 def error_dict(error: BaseException | None) -> dict[str, str] | None:
-    """An exception as {"type", "message"} (None stays None)."""
+    """An exception as {"type", "message"} (None stays None); one read back from a
+    journal as the original was, so that `kira show` says what `kira run` said."""
     if error is None:
         return None
+    if isinstance(error, RestoredError):
+        return {"type": error.type_name.rpartition(".")[2], "message": error.message}
     return {"type": type(error).__name__, "message": str(error)}
 
 

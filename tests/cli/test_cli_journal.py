@@ -72,6 +72,12 @@ def test_run_with_the_default_journal_then_runs_and_show(tmp_path: Path) -> None
 
     failed = kira("run", flow, "--journal", "-q", "--set", "fail=c", cwd=tmp_path, env=env)
     assert failed.returncode == 1, failed.stderr
+    failed_id = failed.stderr.split("kira: run ", 1)[1].split(",", 1)[0]
+    # the command to carry it on keeps the config it was run with
+    assert f"kira resume {failed_id} {flow} --journal .kira/journal.db --set fail=c" in (
+        failed.stderr
+    )
+    assert "rolled back in" in failed.stdout and f"(run {failed_id})" in failed.stdout
 
     listing = kira("runs", cwd=tmp_path, env=env)
     assert listing.returncode == 0, listing.stderr
@@ -83,15 +89,18 @@ def test_run_with_the_default_journal_then_runs_and_show(tmp_path: Path) -> None
     shown = kira("show", run_id, "--timeline", tmp_path / "t.html", cwd=tmp_path, env=env)
     assert shown.returncode == 0, shown.stderr
     assert f"run {run_id}" in shown.stdout and ": applied" in shown.stdout
+    assert f"wrote {tmp_path / 't.html'}" in shown.stdout
     rows = {line.split()[0]: line.split()[1] for line in shown.stdout.splitlines()[2:5]}
     assert rows == {"a": "applied", "b": "applied", "c": "applied"}
     page = (tmp_path / "t.html").read_text(encoding="utf-8")
     assert all(f">{name}<" in page for name in "abc")
 
-    failed_id = lines[2].split()[0]
+    assert lines[2].split()[0] == failed_id
     shown = kira("show", failed_id, cwd=tmp_path, env=env)
     assert shown.returncode == 1  # the run's own exit status: rolled back
-    assert "failed attempts" in shown.stdout and "c refused" in shown.stdout
+    assert "failed attempts" in shown.stdout
+    # the error as the live run showed it, not as the journal's stand-in for it
+    assert "RuntimeError: c refused" in shown.stdout and "RestoredError" not in shown.stdout
 
 
 def test_a_killed_run_is_carried_on_by_kira_resume(tmp_path: Path) -> None:
@@ -107,12 +116,16 @@ def test_a_killed_run_is_carried_on_by_kira_resume(tmp_path: Path) -> None:
     env = kira_env(LEDGER=str(ledger))
     listing = kira("runs", "--journal", journal, cwd=tmp_path, env=env)
     assert "running" in listing.stdout
+    shown = kira("show", run_id, "--journal", journal, cwd=tmp_path, env=env)
+    assert shown.returncode == 4, shown.stderr  # not finished
+    assert "not finished" in shown.stdout and f"kira resume {run_id}" in shown.stdout
 
     events = tmp_path / "events.jsonl"
     resumed = kira(
         "resume", run_id, flow, "--journal", journal, "--events", events, cwd=tmp_path, env=env
     )
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert f"kira: resuming run {run_id} of {flow} (3 branches)" in resumed.stdout
     assert "applied: all 3 branches" in resumed.stdout
     # the result of c is 111 whoever applied what: a=1, b=10+1, c=100+11
     assert "111" in resumed.stdout

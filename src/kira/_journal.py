@@ -35,7 +35,7 @@ from typing import Any, Protocol, final
 
 from ._branch import Branch
 from ._errors import KiraError
-from ._events import Event
+from ._events import EVENT_KINDS, Event
 
 SCHEMA_VERSION = 2
 LEASE_SECONDS = 30.0
@@ -165,6 +165,17 @@ def _utc(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+def _is_zombie(pid: int) -> bool:
+    """Whether `pid` has died but not been reaped by its parent (Linux's /proc; a
+    killed child whose parent never waits for it still answers signal 0)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # the state follows the command name, which is in parentheses and may hold any
+    return stat.rpartition(")")[2].split()[:1] in (["Z"], ["X"])
+
+
 def _error_record(error: BaseException) -> dict[str, str]:
     """What the journal keeps of an exception: type, message, traceback text."""
     if isinstance(error, RestoredError):
@@ -243,6 +254,7 @@ _META_VALUED = frozenset(
 # a start needs no commit of its own) and "it will not, after all" (at a rollback).
 INTENT, WITHDRAWN = "apply_intent", "apply_withdrawn"
 _INTERNAL = frozenset({INTENT, WITHDRAWN})
+_KINDS = frozenset(EVENT_KINDS) | _INTERNAL
 _GROUP_LIMIT = 1000  # events per group row when migrating (reads stay incremental)
 
 _kind_of = itemgetter(1)
@@ -447,9 +459,15 @@ class Journal:
                     for statement in migration.split(";"):
                         if statement.strip():
                             db.execute(statement)
-            except BaseException:
+            except BaseException as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                if isinstance(exc, ValueError | TypeError | KeyError | IndexError):
+                    # a damaged record in the old schema: nothing was changed
+                    raise JournalError(
+                        f"journal {self.path} cannot be migrated to schema version "
+                        f"{version}: a record in it is damaged ({exc}); it was left as it was"
+                    ) from exc
                 raise
             db.execute(
                 "INSERT OR REPLACE INTO kira_meta(key, value) VALUES ('schema_version', ?)",
@@ -550,6 +568,7 @@ class Journal:
                 return True
             except PermissionError:
                 return False
+            return _is_zombie(int(pid_text))
         return False
 
     def _event_seqs(self, run_id: str) -> Iterable[int]:
@@ -718,13 +737,41 @@ class Journal:
             if row is None:
                 raise JournalError(f"journal {self.path} holds no run {run_id!r}")
             flow, graph_text, state = row
-            texts = self._db.execute(
-                "SELECT events FROM event_groups WHERE run_id=? ORDER BY first_seq", (run_id,)
+            groups = self._db.execute(
+                "SELECT first_seq, last_seq, events FROM event_groups WHERE run_id=? "
+                "ORDER BY first_seq",
+                (run_id,),
             ).fetchall()
+        try:
+            events = self._events(run_id, groups)
+            graph = [(name, tuple(deps)) for name, deps in json.loads(graph_text)]
+            if not all(
+                type(name) is str and all(type(d) is str for d in deps) for name, deps in graph
+            ):
+                raise ValueError("a branch name that is not text")
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+            raise JournalError(
+                f"journal {self.path}: the record of run {run_id!r} is damaged ({exc}); "
+                "it cannot be shown or resumed"
+            ) from exc
+        return _RunRecord(run_id, flow, graph, state, events)
+
+    def _events(self, run_id: str, groups: list[tuple[int, int, str]]) -> list[Event]:
+        """The events of `groups` (rows of event_groups, in order), decoded; a gap or
+        a malformed event raises (ValueError and the like: see `load`)."""
         events = []
         loads, codec = json.loads, self.codec
-        for (text,) in texts:
-            for _seq, kind, branch, at, attempt, error, stored in loads(text):
+        expected = 1
+        for first, last, text in groups:
+            if first != expected:
+                raise ValueError(f"events {expected} to {first - 1} are missing")
+            group = loads(text)
+            if type(group) is not list or len(group) != last - first + 1:
+                raise ValueError(f"the group of events {first} to {last} is malformed")
+            for seq, kind, branch, at, attempt, error, stored in group:
+                if seq != expected or kind not in _KINDS:
+                    raise ValueError(f"event {expected} is malformed")
+                expected += 1
                 value = stored
                 if kind == "applied" and stored is not None:
                     try:
@@ -748,8 +795,7 @@ class Journal:
                         value,
                     )
                 )
-        graph = [(name, tuple(deps)) for name, deps in json.loads(graph_text)]
-        return _RunRecord(run_id, flow, graph, state, events)
+        return events
 
     def runs(self) -> list[RunSummary]:
         """Every run in the journal, oldest first."""

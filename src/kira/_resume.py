@@ -10,6 +10,7 @@ from typing import Any, final
 from ._branch import Branch
 from ._driver import Driver
 from ._engine import DEFAULT_GRACE_PERIOD, finite_or_none
+from ._errors import RuntimeStateError
 from ._events import EventHandler
 from ._journal import Journal, JournalError, _RunRecord, open_journal
 from ._state import RuntimeState
@@ -83,7 +84,14 @@ def resume(
             on_event=None if finished else on_event,
             journal=None if finished else recorder,
         )
-        driver.restore(record.events)
+        try:
+            driver.restore(record.events)
+        except (RuntimeStateError, KeyError, TypeError, ValueError) as exc:
+            # the events name unknown branches or transitions the rules forbid
+            raise JournalError(
+                f"journal {recorder.path}: the events of run {run_id!r} do not replay "
+                f"({type(exc).__name__}: {exc}); the record is damaged or not kira's"
+            ) from exc
         if finished:
             driver.conclude()
             if driver.outcome is None:

@@ -234,6 +234,26 @@ def test_a_schema_1_journal_is_migrated_and_its_runs_carry_on(tmp_path: Path) ->
     ]
 
 
+def test_a_damaged_schema_1_journal_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    _schema_1_journal(path)
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE events SET error='{\"type\": ' WHERE kind='apply_failed'")
+    dump = "SELECT * FROM events ORDER BY run_id, seq"
+    with closing(sqlite3.connect(path)) as db:
+        before = db.execute(dump).fetchall()
+    with pytest.raises(kira.JournalError) as caught:
+        kira.Journal(path)
+    message = str(caught.value)
+    assert str(path) in message and "cannot be migrated to schema version 2" in message
+    assert "left as it was" in message
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT value FROM kira_meta").fetchall() == [("1",)]
+        assert db.execute(dump).fetchall() == before
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "event_groups" not in tables
+
+
 def test_a_schema_1_journal_opened_read_only_says_how_to_migrate_it(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     _schema_1_journal(path)
@@ -578,6 +598,104 @@ def test_a_value_the_codec_cannot_decode_gives_a_clear_journal_error(tmp_path: P
     with pytest.raises(kira.JournalError):
         kira.resume("p", None, branches, journal=path)
     assert not marker.exists()
+
+
+def _rewrite_event(db: sqlite3.Connection, position: int, change: Any) -> None:
+    """Replace the `position`-th event of run "d" with `change(event)`."""
+    rows = db.execute("SELECT first_seq, events FROM event_groups ORDER BY first_seq").fetchall()
+    seen = 0
+    for first, text in rows:
+        events = json.loads(text)
+        if seen + len(events) > position:
+            events[position - seen] = change(events[position - seen])
+            db.execute(
+                "UPDATE event_groups SET events=? WHERE first_seq=?", (json.dumps(events), first)
+            )
+            return
+        seen += len(events)
+    raise AssertionError(f"no event {position}")
+
+
+def _first_group(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT MIN(first_seq) FROM event_groups").fetchone()[0])
+
+
+_DAMAGES: dict[str, Any] = {
+    "events-not-json": lambda db: db.execute(
+        "UPDATE event_groups SET events='[[1, \"apply_sta' WHERE first_seq=?", (_first_group(db),)
+    ),
+    "events-not-a-list": lambda db: db.execute(
+        "UPDATE event_groups SET events='{}' WHERE first_seq=?", (_first_group(db),)
+    ),
+    "group-too-short": lambda db: db.execute(
+        "UPDATE event_groups SET events='[]' WHERE first_seq=?", (_first_group(db),)
+    ),
+    "a-group-deleted": lambda db: db.execute(
+        "DELETE FROM event_groups WHERE first_seq=(SELECT MIN(first_seq) FROM event_groups "
+        "WHERE first_seq > 1)"
+    ),
+    "event-too-short": lambda db: _rewrite_event(db, 1, lambda e: e[:3]),
+    "unknown-kind": lambda db: _rewrite_event(db, 1, lambda e: [e[0], "exploded", *e[2:]]),
+    "time-not-a-number": lambda db: _rewrite_event(db, 1, lambda e: [*e[:3], "noon", *e[4:]]),
+    "error-not-a-record": lambda db: _rewrite_event(db, 1, lambda e: [*e[:5], [1, 2], e[6]]),
+    "graph-not-json": lambda db: db.execute("UPDATE runs SET graph='[[\"a\", '"),
+    "graph-of-numbers": lambda db: db.execute("UPDATE runs SET graph='[[1, []]]'"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGES))
+def test_a_damaged_record_of_a_run_gives_a_journal_error_and_runs_nothing(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "journal.db"
+    calls: list[str] = []
+
+    def step(name: str) -> kira.Branch:
+        deps = [chr(ord(name) - 1)] if name != "a" else []
+        return kira.Branch(name, lambda c, d: calls.append(name) or name, deps)
+
+    branches = [step(name) for name in "abc"]
+    kira.run_tasks(None, branches, journal=path, run_id="d")
+    calls.clear()
+    with closing(sqlite3.connect(path)) as db, db:
+        assert db.execute("SELECT COUNT(*) FROM event_groups").fetchone()[0] >= 3
+        _DAMAGES[damage](db)
+    with kira.Journal(path) as journal, pytest.raises(kira.JournalError) as caught:
+        journal.events("d")
+    assert str(path) in str(caught.value) and "'d' is damaged" in str(caught.value)
+    assert not isinstance(caught.value, ValueError | TypeError)
+    with pytest.raises(kira.JournalError, match="damaged"):
+        kira.resume("d", None, branches, journal=path)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda e: [*e[:2], "zzz", *e[3:]], id="unknown-branch"),
+        pytest.param(lambda e: [e[0], "unapplied", *e[2:]], id="forbidden-transition"),
+    ],
+)
+def test_events_that_do_not_replay_give_a_journal_error_on_resume(
+    tmp_path: Path, change: Any
+) -> None:
+    path = tmp_path / "journal.db"
+    calls: list[str] = []
+    branches = [kira.Branch("a", lambda c, d: calls.append("a") or 1)]
+    kira.run_tasks(None, branches, journal=path, run_id="d")
+    calls.clear()
+    with closing(sqlite3.connect(path)) as db, db:
+        kinds = [
+            e[1]
+            for e in json.loads(
+                db.execute("SELECT events FROM event_groups ORDER BY first_seq").fetchone()[0]
+            )
+        ]
+        _rewrite_event(db, kinds.index("apply_started"), change)
+    with pytest.raises(kira.JournalError, match="do not replay") as caught:
+        kira.resume("d", None, branches, journal=path)
+    assert str(path) in str(caught.value)
+    assert calls == []
 
 
 # -- runs -----------------------------------------------------------------------------------

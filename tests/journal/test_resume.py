@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -388,6 +389,27 @@ def test_a_dead_owners_lease_is_taken_over_at_once(tmp_path: Path) -> None:
     assert call_in_thread(crashed.resume, WAIT) == EXPECTED
     assert time.monotonic() - started < WAIT
     assert _run_row(crashed.journal) == ("applied", None, None)  # released
+
+
+def test_an_owner_killed_but_not_yet_reaped_counts_as_dead(tmp_path: Path) -> None:
+    crashed = Crashed(tmp_path, "success", n=5)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = f"{socket.gethostname()}:{child.pid}:abcdef01"
+        with closing(sqlite3.connect(crashed.journal)) as db, db:
+            db.execute("UPDATE runs SET owner=?, lease_until=?", (owner, time.time() + 60))
+        with pytest.raises(kira.RunLocked):  # alive: its lease holds
+            crashed.resume()
+        child.kill()
+        deadline = time.monotonic() + WAIT
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never died"
+            time.sleep(0.01)
+        # a zombie still answers signal 0, but it runs nothing any more
+        assert crashed.resume() == EXPECTED
+    finally:
+        child.kill()
+        child.wait(WAIT)
 
 
 def test_a_lease_held_on_another_host_is_respected_until_it_ends(tmp_path: Path) -> None:

@@ -572,6 +572,7 @@ def _rich_console(args: argparse.Namespace) -> Any:
 # -- summary ----------------------------------------------------------------------------
 
 _HEAD = ("branch", "state", "attempts", "duration", "result", "error")
+_WIDE = 110  # columns a terminal needs for the summary to show results too
 
 
 def _summary_rows(runlog: RunLog, abandoned: Iterable[str]) -> list[tuple[str, ...]]:
@@ -667,20 +668,25 @@ def _print_summary(
     if rich is not None:
         Table = rich.Table
         colours = {"applied": "green", "unapplied": "magenta", "not started": "dim"}
+        # results are for a glance (full ones are in --events): on a narrow terminal
+        # they give their room to the errors, which say what went wrong
+        with_results = console.width >= _WIDE
         table = Table(title="summary", title_justify="left", header_style="bold")
         table.add_column("branch", no_wrap=True)
         table.add_column("state", no_wrap=True)
-        table.add_column("attempts")
-        table.add_column("duration")
-        # results are for a glance (full ones are in --events): one line each
-        table.add_column("result", no_wrap=True, overflow="ellipsis", max_width=18)
+        table.add_column("attempts", no_wrap=True)
+        table.add_column("duration", no_wrap=True)
+        if with_results:
+            table.add_column("result", no_wrap=True, overflow="ellipsis", max_width=18)
         table.add_column("error", ratio=1)
         Text = rich.Text  # cells as Text: names, values and errors are not rich markup
-        for name, state, *rest in rows:
-            state_cell = Text(state, style=colours.get(state, "red"))
-            table.add_row(Text(name), state_cell, *map(Text, rest))
+        for name, state, attempts, duration, result, error in rows:
+            cells = [Text(name), Text(state, style=colours.get(state, "red"))]
+            cells += [Text(attempts), Text(duration)]
+            cells += [Text(result), Text(error)] if with_results else [Text(error)]
+            table.add_row(*cells)
         console.print(table)
-        console.print(verdict, style=style, markup=False)
+        console.print(verdict, style=style, markup=False, highlight=False)
         return
     out.write("\n")
     _plain_table(out, _HEAD, rows)

@@ -515,7 +515,7 @@ class Engine:
 
 
 class _Writer:
-    """A thread that commits the journal's row batches, one at a time, and posts
+    """A thread that commits the journal's event groups, one commit at a time, and posts
     `done(names, error)` back to the scheduling thread."""
 
     def __init__(self, journal: Journal, post: Callable[..., None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,37 @@ def test_names_and_errors_are_shown_literally_not_as_rich_markup(tmp_path: Path)
     assert status == 1, screen
     assert "[red]odd" in screen and "[dim]v" in screen
     assert "[bold]not bold[/bold]" in screen
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_the_summary_fits_the_terminal_and_keeps_room_for_errors(
+    tmp_path: Path, columns: int
+) -> None:
+    pytest.importorskip("rich")
+    flow = write_flow(
+        tmp_path,
+        """
+        import kira
+
+        def boom(config, deps):
+            raise OSError("the hotel service refused the booking for tonight")
+
+        branches = [
+            kira.Branch("customer", lambda c, d: {"id": 1}, unapply=lambda c, d, v: None),
+            kira.Branch("hotel", boom, ["customer"]),
+        ]
+        """,
+    )
+    env = kira_env(TERM="xterm-256color", COLUMNS=str(columns), LINES="40")
+    status, screen = run_in_pty([sys.executable, "-m", "kira", "run", str(flow)], tmp_path, env)
+    assert status == 1, screen
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen).replace("\r", "")
+    table = [line for line in text.splitlines() if line[:1] in set("┏┃┡│└")]
+    header = next(line for line in table if "branch" in line)
+    assert all(len(line.rstrip()) <= columns for line in table), "\n".join(table)
+    # results only where there is room; the error always, whole, on few lines
+    assert ("result" in header) == (columns >= 110)
+    error_lines = [line.split("│")[-2].strip() for line in table if line.startswith("│")]
+    assert " ".join(filter(None, error_lines)).endswith(
+        "OSError: the hotel service refused the booking for tonight"
+    )

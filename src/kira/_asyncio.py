@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from functools import partial
@@ -28,6 +27,7 @@ from ._engine import (
     _current,
     call_with_attempt,
     finite_or_none,
+    run_id_or_new,
 )
 from ._events import EventHandler
 from ._journal import Journal, open_journal
@@ -231,7 +231,7 @@ async def run_tasks_async(
     run in a thread of their own, never blocking the loop for a disk flush. A run
     recorded here is carried on by `kira.resume` like any other.
     """
-    run_id = run_id if run_id is not None else uuid.uuid4().hex
+    run_id = run_id_or_new(run_id)
     timeout = finite_or_none(timeout, "timeout")
     state = RuntimeState.create(config, branches, timeout)
     if journal is None:
@@ -241,11 +241,13 @@ async def run_tasks_async(
     recorder, owned = open_journal(journal)
     try:
         recorder.begin_run(run_id, [bs.branch for bs in state.branch_states.values()])
-        return await _drive(
-            state, run_id, recorder, max_workers, executor, timeout, on_event, grace_period
-        )
+        try:
+            return await _drive(
+                state, run_id, recorder, max_workers, executor, timeout, on_event, grace_period
+            )
+        finally:
+            recorder.release(run_id)
     finally:
-        recorder.release()
         if owned:
             recorder.close()
 

@@ -16,6 +16,7 @@ import math
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import BrokenExecutor
@@ -180,6 +181,8 @@ class Engine:
         # those whose events are still buffered wait for the next one.
         self._writer: _Writer | None = None
         self._commit_busy = False
+        # a commit failed: nothing more is committed, so the journal never has a gap
+        self._journal_broken = False
         self._after_commit: list[Command] = []
         self._next_commit: list[Command] = []
 
@@ -243,7 +246,7 @@ class Engine:
 
     def _renew_lease(self) -> None:
         if self.journal is not None and not self.driver.finished:
-            self.journal.renew()
+            self.journal.renew(self.run_id)
             self._call_later(LEASE_SECONDS / 3, self._renew_lease)
 
     def pump(self) -> None:
@@ -266,10 +269,18 @@ class Engine:
         up with them)."""
         journal, driver = self.journal, self.driver
         assert journal is not None
-        if not self._next_commit and not (
-            journal.dirty
-            and driver.intents_low()
-            and driver.reserve(enough := driver.lookahead // 8) >= enough
+        if self._journal_broken:
+            return
+        # a failure, a rollback: worth committing at once, though nothing waits for
+        # it yet, so that a process dying now does not take the decision with it
+        if (
+            not self._next_commit
+            and not journal.urgent
+            and not (
+                journal.dirty
+                and driver.intents_low()
+                and driver.reserve(enough := driver.lookahead // 8) >= enough
+            )
         ):
             return
         # intents ride along, if enough are fresh to be worth looking them up
@@ -287,6 +298,7 @@ class Engine:
         self._commit_busy = False
         if error is not None:
             # the run stops where the journal stopped (resume it once it works)
+            self._journal_broken = True
             raise error
         self.driver.committed(names)
         released, self._after_commit = self._after_commit, []
@@ -296,10 +308,18 @@ class Engine:
         self._commit()
 
     def close_writer(self) -> None:
-        """Wait for the commit in flight, then stop the writer thread."""
+        """Wait for the commit in flight, then stop the writer thread; commit what
+        is left (a run stopped abruptly: what it had decided stays known)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        journal = self.journal
+        if journal is not None and journal.dirty and not self._journal_broken:
+            self._journal_broken = True  # once
+            try:
+                journal.commit(journal.take())
+            except Exception as exc:  # the run is ending with its own error already
+                log.warning("kira: could not commit the run's last events: %s", exc)
 
     def _carry_out_all(self, commands: deque[Command]) -> None:
         """`_carry_out` each of `commands` whose events are committed, or hold them
@@ -542,6 +562,21 @@ class _Writer:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join()
+
+
+def run_id_or_new(run_id: str | None) -> str:
+    """The caller's `run_id=`, checked, or a fresh one."""
+    if run_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(run_id, str) or not run_id:
+        raise TypeError(f"run_id must be a non-empty str or None, not {run_id!r}")
+    try:
+        run_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"run_id must be valid text (no lone surrogates), not {run_id!r}"
+        ) from None
+    return run_id
 
 
 def finite_or_none(value: float | None, what: str) -> float | None:

@@ -76,7 +76,7 @@ class CodecError(JournalError, TypeError):
     def __init__(self, branch: str, value: Any, cause: BaseException) -> None:
         super().__init__(
             f"the result of branch {branch!r} (a {type(value).__name__}) cannot be "
-            f"recorded in the journal: {cause}"
+            f"recorded in the journal: {_message(cause)}"
         )
         self.branch = branch
         self.type = type(value)
@@ -162,7 +162,10 @@ class _RunRecord:
 
 
 def _utc(text: str) -> datetime:
-    return datetime.fromisoformat(text)
+    moment = datetime.fromisoformat(text)
+    # kira writes every time with its offset; one without is taken as UTC, never
+    # as the reader's local time
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _is_zombie(pid: int) -> bool:
@@ -181,12 +184,23 @@ def _error_record(error: BaseException) -> dict[str, str]:
     if isinstance(error, RestoredError):
         return {"type": error.type_name, "message": error.message, "traceback": error.traceback}
     kind = type(error)
-    text = "".join(traceback.format_exception(error))[-8000:]
+    try:
+        text = "".join(traceback.format_exception(error))[-8000:]
+    except Exception:
+        text = ""
     return {
         "type": f"{kind.__module__}.{kind.__qualname__}",
-        "message": str(error),
+        "message": _message(error),
         "traceback": text,
     }
+
+
+def _message(error: BaseException) -> str:
+    """`str(error)`, or what stands for it when its `__str__` raises."""
+    try:
+        return str(error)
+    except Exception as exc:
+        return f"<the message of this {type(error).__name__} cannot be shown: {exc!r}>"
 
 
 def _restore_error(record: dict[str, str] | None) -> BaseException | None:
@@ -255,6 +269,8 @@ _META_VALUED = frozenset(
 INTENT, WITHDRAWN = "apply_intent", "apply_withdrawn"
 _INTERNAL = frozenset({INTENT, WITHDRAWN})
 _KINDS = frozenset(EVENT_KINDS) | _INTERNAL
+# decisions a resume must not make otherwise: committed even when no command waits
+_URGENT = frozenset({"failed", "rollback_started"})
 _GROUP_LIMIT = 1000  # events per group row when migrating (reads stay incremental)
 
 _kind_of = itemgetter(1)
@@ -355,8 +371,9 @@ class Journal:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # run id -> its events since the last `take`, as they go into a group
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        self.urgent = False  # whether a pending event should be committed at once
         self._seq: dict[str, int] = {}
-        self._run_id: str | None = None
+        self._owned: set[str] = set()  # runs this object leads now (their leases)
         crash = os.environ.get("KIRA_TEST_CRASH_AT")
         self._crash_at = int(crash) if crash else 0  # test hook: SIGKILL after event n
         self._recorded = 0
@@ -409,20 +426,35 @@ class Journal:
         ).fetchone()
         if row is None:
             raise JournalError(f"{self.path} is not a kira journal")
-        (version,) = self._db.execute(
-            "SELECT value FROM kira_meta WHERE key='schema_version'"
-        ).fetchone() or ("0",)
-        if int(version) > SCHEMA_VERSION:
+        version = self._stored_version()
+        if version > SCHEMA_VERSION:
             raise JournalError(
                 f"journal {self.path} has schema version {version}, newer than this kira "
                 f"supports ({SCHEMA_VERSION}): upgrade kira to read it"
             )
-        if int(version) < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION:
             raise JournalError(
                 f"journal {self.path} has schema version {version}, from an older kira: "
                 "open it once without readonly=True (any kira command that writes it "
                 "does) to migrate it, then read it"
             )
+
+    def _stored_version(self) -> int:
+        """The schema version kira_meta records (0 before the first migration)."""
+        db = self._db
+        if not db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='kira_meta'"
+        ).fetchone():
+            return 0
+        row = db.execute("SELECT value FROM kira_meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            return 0
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            raise JournalError(
+                f"journal {self.path} is damaged: its schema version is {row[0]!r}, not a number"
+            ) from None
 
     def _migrate(self) -> None:
         db = self._db
@@ -431,8 +463,7 @@ class Journal:
         ).fetchone()
         version = 0
         if has_meta:
-            row = db.execute("SELECT value FROM kira_meta WHERE key='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
+            version = self._stored_version()
         else:
             others = db.execute(
                 "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
@@ -448,8 +479,14 @@ class Journal:
                 f"supports ({SCHEMA_VERSION}): upgrade kira to read it"
             )
         while version < SCHEMA_VERSION:
-            version += 1
             db.execute("BEGIN IMMEDIATE")
+            # Another process may have migrated it since we looked: look again, now
+            # that the write lock is ours.
+            if self._stored_version() != version:
+                db.execute("ROLLBACK")
+                version = self._stored_version()
+                continue
+            version += 1
             try:
                 migration = _MIGRATIONS[version]
                 if callable(migration):
@@ -503,6 +540,7 @@ class Journal:
 
     def begin_run(self, run_id: str, branches: Sequence[Branch]) -> None:
         """Record a new run and take ownership of it."""
+        self._check_free(run_id)
         graph = _compact_json([(b.name, b.dependencies) for b in branches])
         now = datetime.now(UTC).isoformat()
         with self._transaction("start a run") as db:
@@ -525,7 +563,7 @@ class Journal:
                     time.time() + LEASE_SECONDS,
                 ),
             )
-        self._run_id = run_id
+        self._owned.add(run_id)
         self._seq[run_id] = 0
 
     def acquire(self, run_id: str) -> _RunRecord:
@@ -533,8 +571,9 @@ class Journal:
 
         Raises:
             RunLocked: another live process owns it.
-            JournalError: no such run.
+            JournalError: no such run, or this object leads another run now.
         """
+        self._check_free(run_id)
         with self._transaction("take over a run") as db:
             row = db.execute(
                 "SELECT owner, lease_until, state FROM runs WHERE run_id=?", (run_id,)
@@ -551,9 +590,21 @@ class Journal:
                 )
         record = self.load(run_id)
         if record.state == "running":
-            self._run_id = run_id
+            self._owned.add(run_id)
             self._seq[run_id] = max((e_seq for e_seq in self._event_seqs(run_id)), default=0)
         return record
+
+    def _check_free(self, run_id: str) -> None:
+        # One run at a time: its buffered events, its commits and its lease are the
+        # object's; two runs interleaving them could commit one's events in the
+        # other's group, out of step with what each waits for.
+        if self._owned:
+            (other,) = self._owned
+            raise JournalError(
+                f"this kira.Journal of {self.path} is in use by run {other!r}, which has not "
+                f"finished: to run {run_id!r} at the same time, give it a Journal of its own "
+                "(kira.Journal(path) again, or journal=path)"
+            )
 
     @staticmethod
     def _owner_is_gone(owner: str, until: float | None) -> bool:
@@ -577,40 +628,45 @@ class Journal:
         ).fetchone()
         return [row[0]] if row and row[0] is not None else []
 
-    def renew(self) -> None:
-        """Extend this process's lease on its run."""
-        if self._run_id is None:
+    def renew(self, run_id: str) -> None:
+        """Extend this process's lease on `run_id` (one of the runs it leads)."""
+        if run_id not in self._owned:
             return
         with self._transaction("renew the run's lease") as db:
             db.execute(
                 "UPDATE runs SET lease_until=?, updated_at=? WHERE run_id=? AND owner=?",
-                (
-                    time.time() + LEASE_SECONDS,
-                    datetime.now(UTC).isoformat(),
-                    self._run_id,
-                    self.owner,
-                ),
+                (time.time() + LEASE_SECONDS, datetime.now(UTC).isoformat(), run_id, self.owner),
             )
 
-    def release(self) -> None:
-        """Give up ownership of the current run (it finished, or the process stops)."""
-        if self._run_id is None:
+    def release(self, run_id: str) -> None:
+        """Give up ownership of `run_id` (it finished, or the process stops)."""
+        if run_id not in self._owned:
             return
+        self._owned.discard(run_id)
         with contextlib.suppress(JournalError), self._transaction("release the run") as db:
             db.execute(
                 "UPDATE runs SET owner=NULL, lease_until=NULL WHERE run_id=? AND owner=?",
-                (self._run_id, self.owner),
+                (run_id, self.owner),
             )
-        self._run_id = None
 
     # -- events ------------------------------------------------------------------------
 
     def encode(self, branch: str, value: Any) -> str | bytes:
         """Encode a result with the codec, or raise `CodecError` naming the branch."""
         try:
-            return self.codec.dumps(value)
+            encoded = self.codec.dumps(value)
         except Exception as exc:
             raise CodecError(branch, value, exc) from exc
+        if not isinstance(encoded, str | bytes):
+            raise CodecError(
+                branch,
+                value,
+                TypeError(
+                    f"{type(self.codec).__name__}.dumps returned a {type(encoded).__name__}, "
+                    "not str or bytes"
+                ),
+            )
+        return encoded
 
     def record_fields(
         self,
@@ -626,6 +682,8 @@ class Journal:
         """Buffer an event, given by its fields (with the encoded result, for
         `applied`); a group commit (`take`, then `commit`) writes it."""
         seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
+        if kind in _URGENT:
+            self.urgent = True
         if kind in _META_VALUED:
             stored = value  # a delay, a phase, a reason: plain JSON
         elif type(encoded) is str or encoded is None:
@@ -672,6 +730,7 @@ class Journal:
     def take(self) -> dict[str, list[tuple[Any, ...]]]:
         """The buffered events by run, for `commit` (which may run in another thread)."""
         groups, self._pending = self._pending, {}
+        self.urgent = False
         return groups
 
     def commit(self, groups: dict[str, list[tuple[Any, ...]]]) -> None:
@@ -749,6 +808,7 @@ class Journal:
                 type(name) is str and all(type(d) is str for d in deps) for name, deps in graph
             ):
                 raise ValueError("a branch name that is not text")
+            _check_names(events, {name for name, _ in graph})
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
             raise JournalError(
                 f"journal {self.path}: the record of run {run_id!r} is damaged ({exc}); "
@@ -806,10 +866,15 @@ class Journal:
                 "WHERE g.run_id = r.run_id), "
                 "r.total FROM runs r ORDER BY r.created_at, r.run_id"
             ).fetchall()
-        return [
-            RunSummary(run_id, flow, _utc(created), state, applied, total)
-            for run_id, flow, created, state, applied, total in rows
-        ]
+        try:
+            return [
+                RunSummary(run_id, flow, _utc(created), state, applied, total)
+                for run_id, flow, created, state, applied, total in rows
+            ]
+        except (TypeError, ValueError) as exc:
+            raise JournalError(
+                f"journal {self.path} is damaged: a run's start time is not a time ({exc})"
+            ) from exc
 
     def graph(self, run_id: str) -> list[tuple[str, tuple[str, ...]]]:
         """A run's recorded branches: (name, dependencies), in definition order."""
@@ -822,6 +887,17 @@ class Journal:
         are left out.
         """
         return [e for e in self.load(run_id).events if e.kind not in _INTERNAL]
+
+
+def _check_names(events: list[Event], names: set[str]) -> None:
+    """Every branch the events name is one of the run's (ValueError if not)."""
+    for event in events:
+        named = event.value if event.kind in _INTERNAL else [event.branch]
+        if type(named) is not list:
+            raise ValueError(f"an {event.kind} record without its list of branches")
+        for name in named:
+            if name is not None and name not in names:
+                raise ValueError(f"an event of branch {name!r}, which the run does not have")
 
 
 def open_journal(

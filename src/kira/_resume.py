@@ -9,7 +9,7 @@ from typing import Any, final
 
 from ._branch import Branch
 from ._driver import Driver
-from ._engine import DEFAULT_GRACE_PERIOD, finite_or_none
+from ._engine import DEFAULT_GRACE_PERIOD, finite_or_none, run_id_or_new
 from ._errors import RuntimeStateError
 from ._events import EventHandler
 from ._journal import Journal, JournalError, _RunRecord, open_journal
@@ -67,14 +67,17 @@ def resume(
         ResumeMismatchError: the branches differ from the recorded ones.
         JournalError: no such run, or the journal cannot be read.
     """
+    run_id = run_id_or_new(run_id)
     timeout = finite_or_none(timeout, "timeout")
     state = RuntimeState.create(config, branches, timeout)
     recorder, owned = open_journal(journal, existing=True)
+    acquired = False  # only a lease this call took is given up here
     try:
         record = recorder.load(run_id)
         _check_same_graph(record, state)
         if record.state == "running":
             record = recorder.acquire(run_id)
+            acquired = True
         finished = record.state != "running"
         workers = max_workers if max_workers is not None else default_workers()
         driver = Driver(
@@ -103,7 +106,8 @@ def resume(
         outcome = drive_threads(driver, executor, timeout, grace_period, recorder, resume=True)
         return outcome.result()
     finally:
-        recorder.release()
+        if acquired:
+            recorder.release(run_id)
         if owned:
             recorder.close()
 

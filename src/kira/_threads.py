@@ -20,7 +20,6 @@ import os
 import queue
 import signal
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
@@ -37,6 +36,7 @@ from ._engine import (
     _current,
     call_with_attempt,
     finite_or_none,
+    run_id_or_new,
 )
 from ._events import EventHandler
 from ._journal import Journal, open_journal
@@ -442,7 +442,7 @@ def run_tasks(
         KeyboardInterrupt: Ctrl-C; raised after the rollback (its `__cause__` is
             the rollback's outcome), or at once on a second Ctrl-C.
     """
-    run_id = run_id if run_id is not None else uuid.uuid4().hex
+    run_id = run_id_or_new(run_id)
     timeout = finite_or_none(timeout, "timeout")
     state = RuntimeState.create(config, branches, timeout)
     workers = max_workers if max_workers is not None else default_workers()
@@ -452,10 +452,14 @@ def run_tasks(
     recorder, owned = open_journal(journal)
     try:
         recorder.begin_run(run_id, [bs.branch for bs in state.branch_states.values()])
-        driver = Driver(state, run_id=run_id, limit=workers, on_event=on_event, journal=recorder)
-        return drive_threads(driver, executor, timeout, grace_period, recorder).result()
+        try:
+            driver = Driver(
+                state, run_id=run_id, limit=workers, on_event=on_event, journal=recorder
+            )
+            return drive_threads(driver, executor, timeout, grace_period, recorder).result()
+        finally:
+            recorder.release(run_id)
     finally:
-        recorder.release()
         if owned:
             recorder.close()
 

@@ -37,6 +37,13 @@ import pytest
 RUN_ID = "crash-run"
 SUBPROCESS_TIMEOUT = 60.0
 
+# A flow module's `note(config, line)`: one line per callback call in config["calls"].
+NOTE_SOURCE = """
+def note(config, line):
+    with open(config["calls"], "a", encoding="utf-8") as f:
+        f.write(line + "\\n")
+"""
+
 FLOW_SOURCE = '''
 """A diamond-with-tail flow whose effects go to a SQLite ledger (see the tests)."""
 

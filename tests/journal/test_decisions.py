@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _journal_support import SUBPROCESS_TIMEOUT, child_env, import_flow, read_lines
+from _journal_support import NOTE_SOURCE, SUBPROCESS_TIMEOUT, child_env, import_flow, read_lines
 
 import kira
 
@@ -26,7 +26,8 @@ WAIT = 30.0
 # b (or c) blocks until the gate file exists: the run has something still running
 # when the rollback begins. Modes: "interrupt" (the test sends SIGINT), "give_up"
 # (c fails for good at once, with nothing to unapply).
-FLOW = """
+FLOW = (
+    """
 import os
 import sys
 import time
@@ -34,11 +35,9 @@ import time
 import kira
 
 RUN_ID = "decided"
-
-
-def note(config, line):
-    with open(config["calls"], "a", encoding="utf-8") as f:
-        f.write(line + "\\n")
+"""
+    + NOTE_SOURCE
+    + """
 
 
 def blocked(config, deps):
@@ -77,6 +76,7 @@ if __name__ == "__main__":
     journal, folder, mode = sys.argv[1:4]
     kira.run_tasks(config(folder), branches(mode), journal=journal, run_id=RUN_ID)
 """
+)
 
 
 def _recorded_kinds(journal: Path) -> list[str]:
@@ -85,7 +85,7 @@ def _recorded_kinds(journal: Path) -> list[str]:
     return [event[1] for (text,) in rows for event in json.loads(text)]
 
 
-def _kill_once_recorded(tmp_path: Path, mode: str, kind: str, interrupt: bool) -> Path:
+def _kill_once_recorded(tmp_path: Path, mode: str, kind: str, interrupt: bool) -> None:
     """Run FLOW in a subprocess; once b runs (SIGINT it then, if `interrupt`), wait
     for `kind` to be committed while b still blocks, and SIGKILL the process."""
     flow = tmp_path / "flow.py"
@@ -116,20 +116,21 @@ def _kill_once_recorded(tmp_path: Path, mode: str, kind: str, interrupt: bool) -
     finally:
         proc.kill()
         proc.communicate(timeout=SUBPROCESS_TIMEOUT)
-    return flow
+
+
+def _resume(tmp_path: Path, mode: str) -> Any:
+    module = import_flow(tmp_path / "flow.py")
+    journal = tmp_path / "journal.db"
+    return kira.resume(
+        "decided", module.config(str(tmp_path)), module.branches(mode), journal=journal
+    )
 
 
 def test_a_rollback_begun_by_ctrl_c_is_resumed_as_a_rollback(tmp_path: Path) -> None:
-    flow = _kill_once_recorded(tmp_path, "interrupt", "rollback_started", interrupt=True)
-    module = import_flow(flow)
+    _kill_once_recorded(tmp_path, "interrupt", "rollback_started", interrupt=True)
     (tmp_path / "gate").touch()  # b's attempt, made again, now returns
     with pytest.raises(kira.RolledBack) as caught:
-        kira.resume(
-            "decided",
-            module.config(str(tmp_path)),
-            module.branches("interrupt"),
-            journal=tmp_path / "journal.db",
-        )
+        _resume(tmp_path, "interrupt")
     assert caught.value.unapplied == ("b", "a")
     calls = read_lines(tmp_path / "calls")
     assert calls == [
@@ -142,16 +143,10 @@ def test_a_rollback_begun_by_ctrl_c_is_resumed_as_a_rollback(tmp_path: Path) -> 
 
 
 def test_a_give_up_is_resumed_as_a_rollback_without_trying_again(tmp_path: Path) -> None:
-    flow = _kill_once_recorded(tmp_path, "give_up", "failed", interrupt=False)
-    module = import_flow(flow)
+    _kill_once_recorded(tmp_path, "give_up", "failed", interrupt=False)
     (tmp_path / "gate").touch()
     with pytest.raises(kira.RolledBack) as caught:
-        kira.resume(
-            "decided",
-            module.config(str(tmp_path)),
-            module.branches("give_up"),
-            journal=tmp_path / "journal.db",
-        )
+        _resume(tmp_path, "give_up")
     assert caught.value.culprit is not None and caught.value.culprit.branch == "c"
     calls = read_lines(tmp_path / "calls")
     assert calls.count("apply c decided/c/apply/1") == 1  # given up on: not tried again

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from _journal_support import (
     KILLED,
+    NOTE_SOURCE,
     RUN_ID,
     SUBPROCESS_TIMEOUT,
     call_in_thread,
@@ -504,16 +505,15 @@ def test_resume_of_a_run_that_was_rolling_back_finishes_the_rollback(
 
 # -- a crash between an attempt's failure and the decision about it ---------------------------
 
-_HANDLER_FLOW = """
+_HANDLER_FLOW = (
+    """
 import sys
 import kira
 
 RUN_ID = "handler-run"
-
-
-def note(config, line):
-    with open(config["calls"], "a", encoding="utf-8") as f:
-        f.write(line + "\\n")
+"""
+    + NOTE_SOURCE
+    + """
 
 
 def apply_a(config, deps):
@@ -555,6 +555,7 @@ if __name__ == "__main__":
     except kira.RolledBack as exc:
         print(exc)
 """
+)
 
 
 def _run_handler_flow(

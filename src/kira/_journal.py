@@ -373,7 +373,7 @@ class Journal:
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
         self.urgent = False  # whether a pending event should be committed at once
         self._seq: dict[str, int] = {}
-        self._owned: set[str] = set()  # runs this object leads now (their leases)
+        self._run_id: str | None = None  # the run this object leads now (its lease)
         crash = os.environ.get("KIRA_TEST_CRASH_AT")
         self._crash_at = int(crash) if crash else 0  # test hook: SIGKILL after event n
         self._recorded = 0
@@ -395,11 +395,25 @@ class Journal:
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._wal(busy_timeout)
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._migrate()
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _wal(self, busy_timeout: float) -> None:
+        """Switch to WAL. Switching needs the file to itself, and SQLite answers
+        "locked" at once, without its busy handler, to a process that asks while
+        another is switching too: so ask again, for up to `busy_timeout`."""
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     @contextlib.contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -456,15 +470,14 @@ class Journal:
                 f"journal {self.path} is damaged: its schema version is {row[0]!r}, not a number"
             ) from None
 
-    def _migrate(self) -> None:
+    def _version_to_migrate(self) -> int:
+        """The schema version of this journal (0: a new file), or JournalError when it
+        is another application's database or from a newer kira."""
         db = self._db
         has_meta = db.execute(
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='kira_meta'"
         ).fetchone()
-        version = 0
-        if has_meta:
-            version = self._stored_version()
-        else:
+        if not has_meta:
             others = db.execute(
                 "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
             ).fetchall()
@@ -473,21 +486,34 @@ class Journal:
                     f"{self.path} is an SQLite database but not a kira journal "
                     f"(it has tables {', '.join(r[0] for r in others)})"
                 )
+            return 0
+        version = self._stored_version()
         if version > SCHEMA_VERSION:
             raise JournalError(
                 f"journal {self.path} has schema version {version}, newer than this kira "
                 f"supports ({SCHEMA_VERSION}): upgrade kira to read it"
             )
-        while version < SCHEMA_VERSION:
+        return version
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute("BEGIN")  # one snapshot for the look: the tables, then the version
+        try:
+            current = self._version_to_migrate() == SCHEMA_VERSION
+        finally:
+            db.execute("ROLLBACK")
+        if current:
+            return  # the common case, without taking the write lock
+        while True:
             db.execute("BEGIN IMMEDIATE")
-            # Another process may have migrated it since we looked: look again, now
-            # that the write lock is ours.
-            if self._stored_version() != version:
-                db.execute("ROLLBACK")
-                version = self._stored_version()
-                continue
-            version += 1
             try:
+                # Looked at again under the write lock, in one transaction: another
+                # process may have created or migrated the journal meanwhile.
+                version = self._version_to_migrate()
+                if version == SCHEMA_VERSION:
+                    db.execute("COMMIT")
+                    return
+                version += 1
                 migration = _MIGRATIONS[version]
                 if callable(migration):
                     migration(db)
@@ -496,6 +522,10 @@ class Journal:
                     for statement in migration.split(";"):
                         if statement.strip():
                             db.execute(statement)
+                db.execute(
+                    "INSERT OR REPLACE INTO kira_meta(key, value) VALUES ('schema_version', ?)",
+                    (str(version),),
+                )
             except BaseException as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -506,12 +536,7 @@ class Journal:
                         f"{version}: a record in it is damaged ({exc}); it was left as it was"
                     ) from exc
                 raise
-            db.execute(
-                "INSERT OR REPLACE INTO kira_meta(key, value) VALUES ('schema_version', ?)",
-                (str(version),),
-            )
-            if db.in_transaction:
-                db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -563,7 +588,7 @@ class Journal:
                     time.time() + LEASE_SECONDS,
                 ),
             )
-        self._owned.add(run_id)
+        self._run_id = run_id
         self._seq[run_id] = 0
 
     def acquire(self, run_id: str) -> _RunRecord:
@@ -590,7 +615,7 @@ class Journal:
                 )
         record = self.load(run_id)
         if record.state == "running":
-            self._owned.add(run_id)
+            self._run_id = run_id
             self._seq[run_id] = max((e_seq for e_seq in self._event_seqs(run_id)), default=0)
         return record
 
@@ -598,12 +623,11 @@ class Journal:
         # One run at a time: its buffered events, its commits and its lease are the
         # object's; two runs interleaving them could commit one's events in the
         # other's group, out of step with what each waits for.
-        if self._owned:
-            (other,) = self._owned
+        if self._run_id is not None:
             raise JournalError(
-                f"this kira.Journal of {self.path} is in use by run {other!r}, which has not "
-                f"finished: to run {run_id!r} at the same time, give it a Journal of its own "
-                "(kira.Journal(path) again, or journal=path)"
+                f"this kira.Journal of {self.path} is in use by run {self._run_id!r}, which "
+                f"has not finished: to run {run_id!r} at the same time, give it a Journal of "
+                "its own (kira.Journal(path) again, or journal=path)"
             )
 
     @staticmethod
@@ -629,8 +653,8 @@ class Journal:
         return [row[0]] if row and row[0] is not None else []
 
     def renew(self, run_id: str) -> None:
-        """Extend this process's lease on `run_id` (one of the runs it leads)."""
-        if run_id not in self._owned:
+        """Extend this process's lease on `run_id` (the run it leads)."""
+        if run_id != self._run_id:
             return
         with self._transaction("renew the run's lease") as db:
             db.execute(
@@ -640,9 +664,9 @@ class Journal:
 
     def release(self, run_id: str) -> None:
         """Give up ownership of `run_id` (it finished, or the process stops)."""
-        if run_id not in self._owned:
+        if run_id != self._run_id:
             return
-        self._owned.discard(run_id)
+        self._run_id = None
         with contextlib.suppress(JournalError), self._transaction("release the run") as db:
             db.execute(
                 "UPDATE runs SET owner=NULL, lease_until=NULL WHERE run_id=? AND owner=?",

@@ -565,7 +565,7 @@ def test_a_result_the_codec_cannot_encode_rolls_back_and_is_unapplied(
     assert len(unapplies) == 2  # nothing ran again
 
 
-class _DecimalCodec:
+class _ComplexCodec:
     """A codec whose `dumps` breaks the protocol: it returns neither str nor bytes."""
 
     def dumps(self, value: Any) -> Any:
@@ -578,13 +578,13 @@ class _DecimalCodec:
 def test_a_codec_that_returns_neither_text_nor_bytes_fails_the_branch(tmp_path: Path) -> None:
     unapplied: list[Any] = []
     branches = [kira.Branch("a", _const(2), unapply=lambda c, d, v: unapplied.append(v))]
-    journal = kira.Journal(tmp_path / "journal.db", codec=_DecimalCodec())
+    journal = kira.Journal(tmp_path / "journal.db", codec=_ComplexCodec())
     with journal, pytest.raises(kira.RolledBack) as caught:
         kira.run_tasks(None, branches, journal=journal, run_id="odd")
     culprit = caught.value.culprit
     assert culprit is not None and culprit.branch == "a"
     assert isinstance(culprit.error, kira.CodecError)
-    assert "_DecimalCodec.dumps returned a complex, not str or bytes" in str(culprit.error)
+    assert "_ComplexCodec.dumps returned a complex, not str or bytes" in str(culprit.error)
     assert unapplied == [2]  # kept in memory, unapplied
     with kira.Journal(tmp_path / "journal.db") as journal:
         assert journal.runs()[0].state == "rolled_back"
@@ -690,6 +690,7 @@ import os, sys, time
 sys.path.insert(0, sys.argv[3])
 import kira
 go, path, _, name = sys.argv[1:5]
+open(go + "." + name, "w").close()  # at the start line
 while not os.path.exists(go):
     time.sleep(0.001)
 print(kira.run_tasks(None, [kira.Branch("a", lambda c, d: name)], journal=path, run_id=name))
@@ -716,8 +717,11 @@ def test_processes_opening_one_journal_at_once_all_succeed(tmp_path: Path, start
             )
             for i in range(5)
         ]
-        time.sleep(0.3)  # let them all reach the start line: they spin on `go`
-        go.touch()
+        deadline = time.monotonic() + 60
+        while not all(Path(f"{go}.r{i}").exists() for i in range(5)):
+            assert time.monotonic() < deadline, "the processes never reached the start line"
+            time.sleep(0.005)
+        go.touch()  # all at once
         for i, proc in enumerate(procs):
             out, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err

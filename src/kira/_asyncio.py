@@ -58,8 +58,10 @@ class AsyncEngine(Engine):
             portable_deps=foreign,
             journal=journal,
         )
-        # kira's own daemon threads: an abandoned attempt cannot hold up the exit
-        self._workers = _Workers(self._post_from_worker)
+        # kira's own daemon threads: an abandoned attempt cannot hold up the exit;
+        # `workers` of them at most (the driver's limit, if any, is for async def
+        # callbacks too), plus one for each timed-out attempt that runs on
+        self._workers = self._pool = _Workers(self._post_from_worker, limit=workers)
         self._executor = executor
         self._foreign = foreign
         self._done: asyncio.Future[Outcome] = loop.create_future()
@@ -95,6 +97,10 @@ class AsyncEngine(Engine):
                 attempt.handle = self._workers
                 self._workers.submit(attempt, fn, args)
                 return
+        except (KeyboardInterrupt, SystemExit):
+            # a signal that landed in kira's own code (asyncio.run raises Ctrl-C
+            # wherever the loop is): not the callback's failure
+            raise
         except BaseException as exc:  # a broken executor, a callback that cannot start
             loop.call_soon(self._complete, attempt, False, exc)
             return
@@ -106,7 +112,7 @@ class AsyncEngine(Engine):
     def _from_worker(self, message: tuple[Attempt, bool, Any]) -> None:
         # in the loop thread, for a job of kira's own workers
         attempt, ok, payload = message
-        self._workers.outstanding -= 1
+        self._workers.report(attempt)
         self._complete(attempt, ok, payload)
 
     def _post_from_worker(self, message: tuple[Attempt, bool, Any]) -> None:
@@ -138,8 +144,7 @@ class AsyncEngine(Engine):
         try:
             self.completed(attempt, ok, payload)
         except BaseException as exc:  # a bug: fail the run loudly rather than hang
-            if not self._done.done():
-                self._done.set_exception(exc)
+            self._fail(exc)
             return
         if not self._pump_scheduled:
             # everything that completes in this turn of the loop is pumped (and
@@ -152,8 +157,7 @@ class AsyncEngine(Engine):
         try:
             self.pump()
         except BaseException as exc:
-            if not self._done.done():
-                self._done.set_exception(exc)
+            self._fail(exc)
 
     def _cancel(self, attempt: Attempt) -> None:
         attempt.cancel_requested = True  # a job of our own workers not yet started is skipped
@@ -169,8 +173,13 @@ class AsyncEngine(Engine):
         try:
             fn(*args)
         except BaseException as exc:  # a journal that failed: the run stops there
-            if not self._done.done():
-                self._done.set_exception(exc)
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """End the run with `exc`, raised by its awaiting task."""
+        self.stop()
+        if not self._done.done():
+            self._done.set_exception(exc)
 
     def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> asyncio.TimerHandle:
         return self._loop.call_later(delay, fn, *args)
@@ -192,6 +201,7 @@ class AsyncEngine(Engine):
             try:
                 outcome = await asyncio.shield(self._done)
             except asyncio.CancelledError as again:
+                self.stop()
                 again.add_note(
                     "cancelled again during the rollback; left applied: "
                     + (", ".join(self.left_applied()) or "nothing")
@@ -202,6 +212,7 @@ class AsyncEngine(Engine):
             raise cancelled from error
 
     def close(self) -> None:
+        self.stop()
         self.close_writer()
         self._workers.close()
 

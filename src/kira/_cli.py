@@ -573,6 +573,7 @@ def _rich_console(args: argparse.Namespace) -> Any:
 
 _HEAD = ("branch", "state", "attempts", "duration", "result", "error")
 _WIDE = 110  # columns a terminal needs for the summary to show results too
+_NARROW = 80  # and durations
 
 
 def _summary_rows(runlog: RunLog, abandoned: Iterable[str]) -> list[tuple[str, ...]]:
@@ -670,21 +671,23 @@ def _print_summary(
         colours = {"applied": "green", "unapplied": "magenta", "not started": "dim"}
         # results are for a glance (full ones are in --events): on a narrow terminal
         # they give their room to the errors, which say what went wrong
-        with_results = console.width >= _WIDE
+        # (and on a very narrow one, so do the durations: the timeline has them)
+        with_results, with_durations = console.width >= _WIDE, console.width >= _NARROW
         table = Table(title="summary", title_justify="left", header_style="bold")
         table.add_column("branch", no_wrap=True)
         table.add_column("state", no_wrap=True)
         table.add_column("attempts", no_wrap=True)
-        table.add_column("duration", no_wrap=True)
+        if with_durations:
+            table.add_column("duration", no_wrap=True)
         if with_results:
             table.add_column("result", no_wrap=True, overflow="ellipsis", max_width=18)
         table.add_column("error", ratio=1)
         Text = rich.Text  # cells as Text: names, values and errors are not rich markup
         for name, state, attempts, duration, result, error in rows:
-            cells = [Text(name), Text(state, style=colours.get(state, "red"))]
-            cells += [Text(attempts), Text(duration)]
-            cells += [Text(result), Text(error)] if with_results else [Text(error)]
-            table.add_row(*cells)
+            cells = [Text(name), Text(state, style=colours.get(state, "red")), Text(attempts)]
+            cells += [Text(duration)] if with_durations else []
+            cells += [Text(result)] if with_results else []
+            table.add_row(*cells, Text(error))
         console.print(table)
         console.print(verdict, style=style, markup=False, highlight=False)
         return

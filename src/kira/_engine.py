@@ -183,6 +183,11 @@ class Engine:
         self._commit_busy = False
         # a commit failed: nothing more is committed, so the journal never has a gap
         self._journal_broken = False
+        # The run ended abruptly (a second interrupt, an error): its runner has
+        # raised, so nothing more is scheduled or committed, whatever still arrives.
+        self.stopped = False
+        # kira's own thread pool, where the runner has one (see `_linger`)
+        self._pool: Any = None
         self._after_commit: list[Command] = []
         self._next_commit: list[Command] = []
 
@@ -258,6 +263,8 @@ class Engine:
         (`StartApply.covered`) waits for nothing: it is launched at once, and its
         own records go with a later commit.
         """
+        if self.stopped:
+            return
         if self.driver.outbox:
             self._carry_out_all(self.driver.outbox)
         if self.journal is not None and not self._commit_busy:
@@ -269,7 +276,7 @@ class Engine:
         up with them)."""
         journal, driver = self.journal, self.driver
         assert journal is not None
-        if self._journal_broken:
+        if self._journal_broken or self.stopped:
             return
         # a failure, a rollback: worth committing at once, though nothing waits for
         # it yet, so that a process dying now does not take the decision with it
@@ -298,8 +305,10 @@ class Engine:
         self._commit_busy = False
         if error is not None:
             # the run stops where the journal stopped (resume it once it works)
-            self._journal_broken = True
+            self._journal_broken = self.stopped = True
             raise error
+        if self.stopped:
+            return
         self.driver.committed(names)
         released, self._after_commit = self._after_commit, []
         carry_out = self._carry_out
@@ -410,7 +419,7 @@ class Engine:
         Reports to the driver only: the runner calls `pump` once it has reported
         everything that arrived together, so the journal commits them as one.
         """
-        if attempt.done:
+        if attempt.done or self.stopped:
             return
         attempt.done = True
         if attempt.timer is not None:
@@ -464,7 +473,7 @@ class Engine:
         """A branch's own timeout expired for `attempt`."""
         if attempt.done or attempt.lingering:
             return
-        attempt.lingering = True
+        self._linger(attempt)
         error = BranchTimeout(attempt.name, attempt.phase, seconds)
         if attempt.kind is COMPENSATE:
             # a compensation that hangs: its value stays applied
@@ -476,6 +485,17 @@ class Engine:
             self.driver.failed(attempt.task_id, error, lingering=True)
             self._call_later(self.grace_period, self._grace_over, attempt)
         self.pump()
+
+    def _linger(self, attempt: Attempt) -> None:
+        """`attempt` timed out but runs on: if in kira's pool, it holds a thread
+        that the pool must not count as one of its own any more."""
+        attempt.lingering = True
+        if attempt.handle is self._pool and self._pool is not None:
+            self._pool.stuck += 1
+
+    def stop(self) -> None:
+        """The runner raises: from now on nothing is scheduled nor committed."""
+        self.stopped = True
 
     def _grace_over(self, attempt: Attempt) -> None:
         if attempt.done:
@@ -498,7 +518,7 @@ class Engine:
             return
         errors: list[BaseException] = []
         for attempt in live:
-            attempt.lingering = True
+            self._linger(attempt)
             if attempt.timer is not None:
                 attempt.timer.cancel()
             errors.append(BranchTimeout(attempt.name, attempt.phase, self.timeout, inactivity=True))

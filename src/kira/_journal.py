@@ -56,8 +56,11 @@ class RunLocked(JournalError):
 
     def __init__(self, run_id: str, owner: str, until: float) -> None:
         left = max(0.0, until - time.time())
+        host, _, rest = owner.partition(":")
+        this = host == socket.gethostname() and rest.partition(":")[0] == str(os.getpid())
+        who = "another kira.Journal of this process" if this else "another process"
         super().__init__(
-            f"run {run_id!r} is being run by another process ({owner}); "
+            f"run {run_id!r} is being run by {who} ({owner}); "
             f"its lease ends in {left:.0f} s unless renewed"
         )
         self.run_id = run_id
@@ -280,7 +283,7 @@ _compact_json = json.JSONEncoder(
 ).encode
 
 
-def _insert_group(db: sqlite3.Connection, run_id: str, events: list[tuple[Any, ...]]) -> None:
+def _insert_group(db: sqlite3.Connection, run_id: str, events: Sequence[Sequence[Any]]) -> None:
     """One statement: the events (in their stored form, in order) as one group."""
     db.execute(
         "INSERT INTO event_groups VALUES (?, ?, ?, ?, ?)",
@@ -370,7 +373,7 @@ class Journal:
         self.flow = flow
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # run id -> its events since the last `take`, as they go into a group
-        self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        self._pending: dict[str, list[list[Any]]] = {}
         self.urgent = False  # whether a pending event should be committed at once
         self._seq: dict[str, int] = {}
         self._run_id: str | None = None  # the run this object leads now (its lease)
@@ -606,7 +609,10 @@ class Journal:
             if row is None:
                 raise JournalError(f"journal {self.path} holds no run {run_id!r}")
             owner, until, state = row
-            if state == "running" and owner and not self._owner_is_gone(owner, until):
+            # (this very object's own lease: left by a run of it that could not
+            # release it, and free, since this object leads no run now)
+            mine = owner == self.owner
+            if state == "running" and owner and not mine and not self._owner_is_gone(owner, until):
                 raise RunLocked(run_id, owner, until or 0.0)
             if state == "running":
                 db.execute(
@@ -667,6 +673,10 @@ class Journal:
         if run_id != self._run_id:
             return
         self._run_id = None
+        # what a run that stopped could not commit goes with it: never into the
+        # next run's groups (nor a resume's, whose numbers start from the journal)
+        self._pending.pop(run_id, None)
+        self.urgent = False
         with contextlib.suppress(JournalError), self._transaction("release the run") as db:
             db.execute(
                 "UPDATE runs SET owner=NULL, lease_until=NULL WHERE run_id=? AND owner=?",
@@ -705,7 +715,6 @@ class Journal:
     ) -> None:
         """Buffer an event, given by its fields (with the encoded result, for
         `applied`); a group commit (`take`, then `commit`) writes it."""
-        seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
         if kind in _URGENT:
             self.urgent = True
         if kind in _META_VALUED:
@@ -717,16 +726,18 @@ class Journal:
         rows = self._pending.get(run_id)
         if rows is None:
             rows = self._pending[run_id] = []
+        # numbered when committed (`commit`): so nothing that stops a run between
+        # here and there can leave a gap in the numbers
         rows.append(
-            (
-                seq,
+            [
+                0,
                 kind,
                 branch,
                 at.timestamp(),
                 attempt,
                 None if error is None else _error_record(error),
                 stored,
-            )
+            ]
         )
 
     def record_intents(self, run_id: str, names: Sequence[str], kind: str = INTENT) -> None:
@@ -741,9 +752,8 @@ class Journal:
         """
         if not names:
             return
-        seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
         self._pending.setdefault(run_id, []).append(
-            (seq, kind, None, time.time(), 1, None, list(names))
+            [0, kind, None, time.time(), 1, None, list(names)]
         )
 
     @property
@@ -751,13 +761,13 @@ class Journal:
         """Whether events wait to be committed."""
         return bool(self._pending)
 
-    def take(self) -> dict[str, list[tuple[Any, ...]]]:
+    def take(self) -> dict[str, list[list[Any]]]:
         """The buffered events by run, for `commit` (which may run in another thread)."""
         groups, self._pending = self._pending, {}
         self.urgent = False
         return groups
 
-    def commit(self, groups: dict[str, list[tuple[Any, ...]]]) -> None:
+    def commit(self, groups: dict[str, list[list[Any]]]) -> None:
         """Commit `groups` (from `take`) in one transaction (a group commit)."""
         crash_now = False
         if self._crash_at:
@@ -765,6 +775,13 @@ class Journal:
         groups = {run_id: events for run_id, events in groups.items() if events}
         if not groups:
             return
+        numbered = {}
+        for run_id, events in groups.items():
+            seq = self._seq.get(run_id, 0)
+            for event in events:
+                seq += 1
+                event[0] = seq
+            numbered[run_id] = seq
         # Only the events (the lease is renewed by a timer, the applied count kept
         # in the groups), and in as few statements as possible: sqlite3 lets go of
         # the GIL around each one, and taking it back behind a busy scheduling
@@ -789,15 +806,16 @@ class Journal:
                         "WHERE run_id=?",
                         (state, datetime.now(UTC).isoformat(), run_id),
                     )
+        self._seq.update(numbered)  # committed: the next group goes on from here
         if crash_now:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _events_before_crash(
-        self, groups: dict[str, list[tuple[Any, ...]]]
-    ) -> tuple[dict[str, list[tuple[Any, ...]]], bool]:
+        self, groups: dict[str, list[list[Any]]]
+    ) -> tuple[dict[str, list[list[Any]]], bool]:
         """The test hook: keep the events up to the `_crash_at`-th (intents and
         withdrawals are not counted), and say whether to die after committing them."""
-        kept: dict[str, list[tuple[Any, ...]]] = {}
+        kept: dict[str, list[list[Any]]] = {}
         for run_id, events in groups.items():
             for index, event in enumerate(events):
                 if event[1] in _INTERNAL:

@@ -108,7 +108,7 @@ def test_names_and_errors_are_shown_literally_not_as_rich_markup(tmp_path: Path)
     assert "[bold]not bold[/bold]" in screen
 
 
-@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("columns", [60, 80, 120])
 def test_the_summary_fits_the_terminal_and_keeps_room_for_errors(
     tmp_path: Path, columns: int
 ) -> None:
@@ -136,6 +136,7 @@ def test_the_summary_fits_the_terminal_and_keeps_room_for_errors(
     assert all(len(line.rstrip()) <= columns for line in table), "\n".join(table)
     # results only where there is room; the error always, whole, on few lines
     assert ("result" in header) == (columns >= 110)
+    assert ("duration" in header) == (columns >= 80)
     error_lines = [line.split("│")[-2].strip() for line in table if line.startswith("│")]
     assert " ".join(filter(None, error_lines)).endswith(
         "OSError: the hotel service refused the booking for tonight"

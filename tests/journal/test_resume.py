@@ -299,7 +299,7 @@ def test_two_concurrent_resumes_exactly_one_proceeds(tmp_path: Path) -> None:
     assert isinstance(error, kira.JournalError)
     assert error.run_id == RUN_ID
     assert f":{os.getpid()}:" in error.owner
-    assert "another process" in str(error)
+    assert "another kira.Journal of this process" in str(error)  # threads: one process
     assert outcomes[winner] == ("returned", EXPECTED)
     calls = read_lines(crashed.calls)
     applies = sorted(line.split()[1] for line in calls if line.startswith("apply"))

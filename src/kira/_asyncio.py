@@ -32,7 +32,7 @@ from ._engine import (
 from ._events import EventHandler
 from ._journal import Journal, open_journal
 from ._state import RuntimeState
-from ._threads import _Workers, default_workers
+from ._threads import _Workers
 
 
 class AsyncEngine(Engine):
@@ -44,7 +44,6 @@ class AsyncEngine(Engine):
         *,
         loop: asyncio.AbstractEventLoop,
         executor: Executor | None,
-        workers: int,
         timeout: float | None,
         grace_period: float,
         journal: Journal | None = None,
@@ -58,10 +57,8 @@ class AsyncEngine(Engine):
             portable_deps=foreign,
             journal=journal,
         )
-        # kira's own daemon threads: an abandoned attempt cannot hold up the exit;
-        # `workers` of them at most (the driver's limit, if any, is for async def
-        # callbacks too), plus one for each timed-out attempt that runs on
-        self._workers = self._pool = _Workers(self._post_from_worker, limit=workers)
+        # kira's own daemon threads: an abandoned attempt cannot hold up the exit
+        self._workers = _Workers(self._post_from_worker)
         self._executor = executor
         self._foreign = foreign
         self._done: asyncio.Future[Outcome] = loop.create_future()
@@ -112,7 +109,7 @@ class AsyncEngine(Engine):
     def _from_worker(self, message: tuple[Attempt, bool, Any]) -> None:
         # in the loop thread, for a job of kira's own workers
         attempt, ok, payload = message
-        self._workers.report(attempt)
+        self._workers.outstanding -= 1
         self._complete(attempt, ok, payload)
 
     def _post_from_worker(self, message: tuple[Attempt, bool, Any]) -> None:
@@ -232,8 +229,9 @@ async def run_tasks_async(
     """Run `branches` on the running event loop; return every result, or roll back.
 
     Arguments, results and errors are those of `kira.run_tasks`, except that
-    `max_workers` defaults to no limit for `async def` callbacks (plain callbacks
-    still run on a thread pool of min(32, CPUs + 4) threads), and that cancelling
+    `max_workers` defaults to no limit (each plain callback running takes a thread
+    of kira's pool, which grows to as many as run at once: give `max_workers` to
+    bound them), and that cancelling
     the awaiting task rolls back, then raises `asyncio.CancelledError` (whose
     `__cause__` is the rollback's outcome). A timed-out `async def` attempt is
     cancelled.
@@ -274,12 +272,10 @@ async def _drive(
     grace_period: float,
 ) -> dict[str, Any]:
     driver = Driver(state, run_id=run_id, limit=max_workers, on_event=on_event, journal=journal)
-    workers = max_workers if max_workers is not None else default_workers()
     engine = AsyncEngine(
         driver,
         loop=asyncio.get_running_loop(),
         executor=executor,
-        workers=workers,
         timeout=timeout,
         grace_period=grace_period,
         journal=journal,

@@ -186,8 +186,6 @@ class Engine:
         # The run ended abruptly (a second interrupt, an error): its runner has
         # raised, so nothing more is scheduled or committed, whatever still arrives.
         self.stopped = False
-        # kira's own thread pool, where the runner has one (see `_linger`)
-        self._pool: Any = None
         self._after_commit: list[Command] = []
         self._next_commit: list[Command] = []
 
@@ -473,7 +471,7 @@ class Engine:
         """A branch's own timeout expired for `attempt`."""
         if attempt.done or attempt.lingering:
             return
-        self._linger(attempt)
+        attempt.lingering = True
         error = BranchTimeout(attempt.name, attempt.phase, seconds)
         if attempt.kind is COMPENSATE:
             # a compensation that hangs: its value stays applied
@@ -485,13 +483,6 @@ class Engine:
             self.driver.failed(attempt.task_id, error, lingering=True)
             self._call_later(self.grace_period, self._grace_over, attempt)
         self.pump()
-
-    def _linger(self, attempt: Attempt) -> None:
-        """`attempt` timed out but runs on: if in kira's pool, it holds a thread
-        that the pool must not count as one of its own any more."""
-        attempt.lingering = True
-        if attempt.handle is self._pool and self._pool is not None:
-            self._pool.stuck += 1
 
     def stop(self) -> None:
         """The runner raises: from now on nothing is scheduled nor committed."""
@@ -518,7 +509,7 @@ class Engine:
             return
         errors: list[BaseException] = []
         for attempt in live:
-            self._linger(attempt)
+            attempt.lingering = True
             if attempt.timer is not None:
                 attempt.timer.cancel()
             errors.append(BranchTimeout(attempt.name, attempt.phase, self.timeout, inactivity=True))

@@ -87,34 +87,20 @@ class _Workers:
 
     Cheaper per job than `ThreadPoolExecutor` (no Future, no condition variable
     per job), which matters when branches are short. Threads are added whenever
-    more jobs are outstanding than threads exist, up to `limit` (if any) plus one
-    for each timed-out attempt that runs on (`stuck`): such an attempt costs one
-    thread, never the run's progress. Daemon threads: an abandoned attempt cannot
-    keep the interpreter from exiting.
+    more jobs are outstanding than threads exist, so a timed-out attempt that
+    never returns costs one thread, never the run's progress. Daemon threads: an
+    abandoned attempt cannot keep the interpreter from exiting.
     """
 
-    def __init__(self, post: Callable[[Any], None], limit: int | None = None) -> None:
+    def __init__(self, post: Callable[[Any], None]) -> None:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._post = post
         self._threads: list[threading.Thread] = []
-        self._limit = limit
-        # jobs submitted and not yet reported, and those of them timed out but
-        # running on (the engine counts both; calling thread only)
-        self.outstanding = 0
-        self.stuck = 0
-
-    def report(self, attempt: Attempt) -> None:
-        """A job of `attempt` reported its end."""
-        self.outstanding -= 1
-        if attempt.lingering:
-            self.stuck -= 1
+        self.outstanding = 0  # jobs submitted and not yet reported; calling thread only
 
     def submit(self, attempt: Attempt, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.outstanding += 1
-        threads = len(self._threads)
-        if self.outstanding > threads and (
-            self._limit is None or threads < self._limit + self.stuck
-        ):
+        if self.outstanding > len(self._threads):
             thread = threading.Thread(
                 target=_work,
                 args=(self._jobs, self._post),
@@ -176,7 +162,7 @@ class ThreadEngine(Engine):
         # scheduling through the queue.
         self.lock = self._lock = threading.RLock()
         self._ident: int | None = None  # the thread running the run
-        self._workers = self._pool = _Workers(self._report)
+        self._workers = _Workers(self._report)
         self._executor = executor
         self._loop_thread: _LoopThread | None = None
         self._to_loop: deque[tuple[Attempt, Any]] = deque()
@@ -379,7 +365,7 @@ class ThreadEngine(Engine):
             )
         attempt, ok, payload = message
         if attempt.handle is self._workers:
-            self._workers.report(attempt)
+            self._workers.outstanding -= 1
         self.completed(attempt, ok, payload)
 
     def _fire_due_timers(self) -> None:

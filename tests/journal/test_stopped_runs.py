@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 import kira
-from kira._threads import default_workers
 
 WAIT = 30.0
 
@@ -179,52 +178,3 @@ def test_a_signal_in_kiras_own_code_is_not_blamed_on_a_callback(tmp_path: Path) 
     assert "apply_failed" not in kinds and "failed" not in kinds
     assert kinds == ["apply_started"]  # the attempt may have begun: resumed as such
     assert kira.resume("sig", None, branches, journal=path) == {"a": "a"}
-
-
-def test_plain_callbacks_of_run_tasks_async_share_a_bounded_pool() -> None:
-    names: set[str] = set()
-    lock = threading.Lock()
-
-    def plain(config: Any, deps: Any) -> int:
-        with lock:
-            names.add(threading.current_thread().name)
-        return 1
-
-    count = 4 * default_workers()
-    branches = [kira.Branch(f"b{i}", plain) for i in range(count)]
-    results = asyncio.run(kira.run_tasks_async(None, branches))  # no limit for async def
-    assert results == {f"b{i}": 1 for i in range(count)}
-    assert 1 <= len(names) <= default_workers()
-
-
-def test_timed_out_plain_attempts_do_not_take_the_pools_threads() -> None:
-    gate = threading.Event()
-
-    def first_hangs(config: Any, deps: Any) -> str:
-        if kira.current_attempt().attempt == 1:
-            gate.wait(WAIT)  # runs on, long past its timeout, holding its thread
-        return "done"
-
-    # as many stuck attempts as the pool has threads; their retries still run
-    stuck = default_workers()
-    branches = [
-        kira.Branch(f"s{i}", first_hangs, timeout=0.05, on_apply_error=lambda c, d, e, n: n < 2)
-        for i in range(stuck)
-    ]
-
-    applied: list[str] = []
-
-    def on_event(event: kira.Event) -> None:
-        if event.kind == "applied":
-            applied.append(event.branch)  # type: ignore[arg-type]
-            if len(applied) == stuck:
-                gate.set()  # every retry ran: let the stuck first attempts end
-
-    async def main() -> dict[str, Any]:
-        run = kira.run_tasks_async(None, branches, grace_period=WAIT, on_event=on_event)
-        return await asyncio.wait_for(run, WAIT)
-
-    try:
-        assert asyncio.run(main()) == {f"s{i}": "done" for i in range(stuck)}
-    finally:
-        gate.set()

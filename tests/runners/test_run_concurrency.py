@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
 from _runners_support import Fail, PollBarrier, flavoured
 
 import kira
+from kira._threads import default_workers
 
 
 def barrier_apply(flavour, parties, track=None):
@@ -132,3 +134,35 @@ def test_max_workers_counts_a_retry_like_any_attempt(run, flavour):
     assert results["flaky"] == "flaky"
     assert len(tries) == 3
     assert track.most == 1
+
+
+def test_without_max_workers_the_async_runner_runs_every_ready_plain_callback(flavour):
+    """run_tasks_async sets no limit by default: even plain callbacks, more than
+    a default pool would hold, all run at once (none waits, timed, for a thread)."""
+    n = 2 * default_workers() + 1
+    apply = barrier_apply(flavour, n)
+    branches = [kira.Branch(f"b{i}", apply, timeout=10) for i in range(n)]
+    results = asyncio.run(asyncio.wait_for(kira.run_tasks_async(None, branches), 30))
+    assert set(results) == {f"b{i}" for i in range(n)}
+
+
+def test_an_error_handler_given_up_on_does_not_hold_up_the_rollback(run):
+    """The inactivity timeout gives up on a hung error handler; the rollback then
+    unapplies what was applied, though one slot is all there is."""
+    gate = threading.Event()
+    undone: list[str] = []
+
+    def fail(config, deps):
+        raise Fail("b")
+
+    branches = [
+        kira.Branch("a", lambda c, d: "a", unapply=lambda c, d, v: undone.append("a")),
+        kira.Branch("b", fail, ["a"], on_apply_error=lambda c, d, e, n: gate.wait(30)),
+    ]
+    try:
+        with pytest.raises(kira.RolledBack) as info:
+            run(None, branches, 0.5, max_workers=1, grace_period=0.5)
+    finally:
+        gate.set()
+    assert info.value.unapplied == ("a",)
+    assert undone == ["a"]

@@ -181,7 +181,8 @@ class Engine:
         # those whose events are still buffered wait for the next one.
         self._writer: _Writer | None = None
         self._commit_busy = False
-        # a commit failed: nothing more is committed, so the journal never has a gap
+        # a commit failed: not even what is left is committed as the run closes,
+        # so the journal never has a gap
         self._journal_broken = False
         # The run ended abruptly (a second interrupt, an error): its runner has
         # raised, so nothing more is scheduled or committed, whatever still arrives.
@@ -274,7 +275,7 @@ class Engine:
         up with them)."""
         journal, driver = self.journal, self.driver
         assert journal is not None
-        if self._journal_broken or self.stopped:
+        if self.stopped:
             return
         # a failure, a rollback: worth committing at once, though nothing waits for
         # it yet, so that a process dying now does not take the decision with it
@@ -322,7 +323,6 @@ class Engine:
             self._writer = None
         journal = self.journal
         if journal is not None and journal.dirty and not self._journal_broken:
-            self._journal_broken = True  # once
             try:
                 journal.commit(journal.take())
             except Exception as exc:  # the run is ending with its own error already
